@@ -1,0 +1,339 @@
+"""Per-sample contributions to a term's batch gradient from captured activations.
+
+Internal module of ``ban_analysis.param_grads`` (kept apart to keep files short). For a layer
+with input a and output-gradient delta (from one backward pass of the term's cotangent), the
+batch weight gradient is a sum over samples of per-sample pieces, as in BackPACK and Opacus:
+
+* Linear:   dW = sum_s delta_s a_s^T  (sequence inputs: sum over positions too)
+* Conv2d:   dW = sum_s delta_s unfold(a_s)^T
+* BatchNorm / LayerNorm / GroupNorm affine: dgamma = sum_s sum_pos delta_s * xhat_s,
+  dbeta = sum_s sum_pos delta_s (xhat from the batch or running statistics the forward used)
+
+The pieces sum exactly to the batch gradient for any model. Where samples do not interact
+they equal the per-sample gradients; with training-mode BatchNorm delta_s already contains
+the other samples' pull through the batch statistics (a contribution, not d loss_s/dtheta).
+Norms and dot products of 2-D Linear layers use the closed forms ``|a|^2 |delta|^2`` and
+``(G a) . delta``; sequence Linear layers take the cheaper of a Gram form and
+materialising; Conv2d pieces are materialised one layer and one row chunk at a time, so the
+whole per-sample gradient never exists at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+SUPPORTED = (nn.Linear, nn.Conv2d) + _NORMS
+
+
+class DotAccumulator:
+    """Running per-sample dot products over parameter blocks, in float64.
+
+    Keeps, per sample s: <T_s,T_s>, <D_s,D_s>, <T_s,D_s>, <T_s,G>, <D_s,G>, and |G|^2 once.
+    """
+
+    def __init__(self, n: int, device) -> None:
+        self.dots = torch.zeros(5, n, dtype=torch.float64, device=device)  # (5, n)
+        self.gg = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, gt: Tensor, gd: Tensor, gb: Tensor, start: int = 0) -> None:
+        """Add one parameter block: gt, gd (k, m) per-sample pieces, gb (m,) batch gradient."""
+        gb = gb.to(gt.dtype)
+        self.add_dots(torch.stack([(gt * gt).sum(1), (gd * gd).sum(1), (gt * gd).sum(1),
+                                   gt @ gb, gd @ gb]), start)
+
+    def add_dots(self, dots: Tensor, start: int = 0) -> None:
+        """Add precomputed (5, k) dots for samples start..start+k."""
+        self.dots[:, start:start + dots.shape[1]] += dots.double()
+
+    def add_batch_norm2(self, gg: Tensor) -> None:
+        self.gg += gg.double()
+
+    def columns(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """The five per-sample columns (NaN where a norm is 0)."""
+        tt, dd, td, tg, dg = self.dots
+        g = self.gg.sqrt()
+        out = {
+            "param_target_norm": tt.sqrt(),
+            "param_dark_norm": dd.sqrt(),
+            "param_cos": td / (tt * dd).sqrt(),
+            "target_cos_batch": tg / (tt.sqrt() * g),
+            "dark_cos_batch": dg / (dd.sqrt() * g),
+        }
+        dtype = dtype if dtype == torch.float64 else torch.float32
+        return {k: v.to(dtype) for k, v in out.items()}
+
+
+def _module_params(m: nn.Module) -> list[Tensor]:
+    return [p for p in (getattr(m, "weight", None), getattr(m, "bias", None))
+            if isinstance(p, Tensor) and p.requires_grad]
+
+
+def covered_modules(model: nn.Module) -> list[str]:
+    """Names of modules whose weight/bias :func:`contribution_stats` handles."""
+    return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED) and _module_params(m)]
+
+
+def coverage(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, int]:
+    """Parameter counts: trainable in total, and covered by the contribution modules."""
+    mods = dict(model.named_modules())
+    names = covered_modules(model) if names is None else names
+    covered = sum(p.numel() for n in names for p in _module_params(mods[n]))
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"covered_params": covered, "total_params": total}
+
+
+@contextlib.contextmanager
+def capture_activations(
+    model: nn.Module, names: Sequence[str], clone_outputs: bool = True
+) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
+    """Record (input, output) of the named modules during the forward run inside the block.
+
+    With ``clone_outputs`` the forward hook hands the rest of the network a copy of the
+    output and keeps the original: an in-place op downstream (``ReLU(inplace=True)``) would
+    otherwise rewrite the captured tensor and its autograd history. The copy has the same
+    values and an identity backward, so the forward and every gradient stay bit-identical.
+
+    Yields:
+        dict name -> (input, output), filled by the forward; a module called more than once
+        raises ValueError at the second call (weight sharing is not supported).
+    """
+    mods = dict(model.named_modules())
+    missing = [n for n in names if n not in mods]
+    if missing:
+        raise ValueError(f"no module named {missing[:4]} in the model")
+    captured: dict[str, tuple[Tensor, Tensor]] = {}
+    handles = []
+
+    def make_hook(name):
+        def hook(module, args, output):
+            if name in captured:
+                raise ValueError(f"module {name!r} was called twice in one forward; "
+                                 "per-sample contributions need one call per module")
+            if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+                return None
+            if clone_outputs:
+                captured[name] = (args[0], output)
+                return output.clone()
+            captured[name] = (args[0], output)
+            return None
+        return hook
+
+    try:
+        for n in names:
+            handles.append(mods[n].register_forward_hook(make_hook(n)))
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _normalised(m: nn.Module, x: Tensor) -> Tensor:
+    """xhat exactly as the module's forward normalised x (batch or running statistics)."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        use_batch = m.training or not m.track_running_stats
+        # running stats are passed only when they are used; training=False never updates them.
+        rm, rv = (None, None) if use_batch else (m.running_mean, m.running_var)
+        return F.batch_norm(x, rm, rv, None, None, use_batch, 0.0, m.eps)
+    if isinstance(m, nn.LayerNorm):
+        return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+    return F.group_norm(x, m.num_groups, None, None, m.eps)
+
+
+def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
+    if m.padding_mode != "zeros":
+        raise ValueError(f"Conv2d padding_mode {m.padding_mode!r} unsupported; only 'zeros'")
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return (0, 0)
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError("Conv2d padding='same' with asymmetric padding is unsupported")
+        return (total[0] // 2, total[1] // 2)
+    return tuple(m.padding)
+
+
+def _add_linear(a, dt, dd, gw, gb, has_bias):
+    """Linear layer: closed forms for (n, in) inputs, Gram or materialised for sequences."""
+    n = a.shape[0]
+    a, dt, dd = a.reshape(n, -1, a.shape[-1]), dt.reshape(n, -1, dt.shape[-1]), dd.reshape(n, -1, dd.shape[-1])
+    length, d_in, d_out = a.shape[1], a.shape[2], dt.shape[2]
+    ga = a @ gw.T  # (n, L, out): G applied to each input, gives <piece, G> without the piece
+    if length == 1:
+        aa = (a * a).sum((1, 2))
+        dots = [aa * (dt * dt).sum((1, 2)), aa * (dd * dd).sum((1, 2)), aa * (dt * dd).sum((1, 2))]
+    elif length * length * (d_in + d_out) <= length * d_in * d_out:
+        aa = a @ a.transpose(1, 2)  # (n, L, L)
+        dots = [(aa * (x @ y.transpose(1, 2))).sum((1, 2)) for x, y in ((dt, dt), (dd, dd), (dt, dd))]
+    else:
+        pt, pd = torch.einsum("nlo,nli->noi", dt, a).reshape(n, -1), torch.einsum("nlo,nli->noi", dd, a).reshape(n, -1)
+        dots = [(pt * pt).sum(1), (pd * pd).sum(1), (pt * pd).sum(1)]
+    dots += [(ga * dt).sum((1, 2)), (ga * dd).sum((1, 2))]
+    acc_dots = torch.stack(dots)
+    if has_bias:
+        bt, bd = dt.sum(1), dd.sum(1)
+        acc_dots += torch.stack([(bt * bt).sum(1), (bd * bd).sum(1), (bt * bd).sum(1), bt @ gb, bd @ gb])
+    return acc_dots
+
+
+def _output_grads(student_logits, model, captured, cotangents, modules):
+    """One backward pass per term to the captured outputs and the layer parameters.
+
+    Returns (module names, their trainable params, term -> [output grads..., param grads...]).
+    """
+    mods = dict(model.named_modules())
+    names = [n for n in (covered_modules(model) if modules is None else modules) if n in captured]
+    if not names:
+        raise ValueError("no captured Linear/Conv2d/norm module; wrap the forward in capture()")
+    for n in names:
+        if not isinstance(mods[n], SUPPORTED):
+            raise ValueError(f"module {n!r} is {type(mods[n]).__name__}; supported: "
+                             f"{[t.__name__ for t in SUPPORTED]}")
+    outs = [captured[n][1] for n in names]
+    params = [_module_params(mods[n]) for n in names]
+    flat = [p for ps in params for p in ps]
+    grads = {}
+    for term in ("target", "dark"):
+        g = torch.autograd.grad(student_logits, outs + flat, retain_graph=True, allow_unused=True,
+                                grad_outputs=cotangents[term].to(student_logits.dtype))
+        grads[term] = [torch.zeros_like(t) if x is None else x for t, x in zip(outs + flat, g)]
+    return names, params, grads
+
+
+def contribution_stats(
+    student_logits: Tensor, model: nn.Module, captured: dict[str, tuple[Tensor, Tensor]],
+    cotangents: dict[str, Tensor], rows: Tensor | None = None,
+    modules: Sequence[str] | None = None, max_elems: int = 1 << 24,
+) -> tuple[dict[str, Tensor], dict[str, object]]:
+    """Per-sample contributions of each term to the batch gradient: norms and cosines.
+
+    One backward pass per term (``torch.autograd.grad`` to the captured outputs and the
+    layer parameters, graph retained); the rest is per-layer arithmetic on the captured
+    inputs and output gradients of the selected rows.
+
+    Args:
+        student_logits: (B, C) with graph; retained.
+        model: the student (for module lookup and norm-layer settings; not modified).
+        captured: name -> (input, output) from :func:`capture_activations` of this forward.
+        cotangents: ``{"target": (B, C), "dark": (B, C)}``.
+        rows: (n,) batch positions; None = all.
+        modules: restrict to these module names (default: every covered module captured).
+        max_elems: bound on the elements of one materialised per-sample block (Conv2d).
+
+    Returns:
+        (the five per-sample columns (n,), info with ``covered_params``, ``total_params``,
+        ``modules`` used). Parameters outside the covered modules are excluded from every
+        norm and cosine (G included); ``info`` says how many.
+    """
+    names, params, grads = _output_grads(student_logits, model, captured, cotangents, modules)
+    mods = dict(model.named_modules())
+    B = student_logits.shape[0]
+    rows = torch.arange(B, device=student_logits.device) if rows is None else torch.as_tensor(rows).long()
+    acc = DotAccumulator(rows.numel(), student_logits.device)
+    k = len(names)
+    batch = [t + d for t, d in zip(grads["target"][k:], grads["dark"][k:])]
+    acc.add_batch_norm2(sum((g.double() * g.double()).sum() for g in batch))
+    j = 0
+    for i, n in enumerate(names):
+        m, (inp, _) = mods[n], captured[n]
+        gs = batch[j:j + len(params[i])]
+        j += len(params[i])
+        dt, dd = grads["target"][i][rows], grads["dark"][i][rows]
+        w_on = isinstance(getattr(m, "weight", None), Tensor) and m.weight.requires_grad
+        b_on = isinstance(getattr(m, "bias", None), Tensor) and m.bias.requires_grad
+        gw = gs[0] if w_on else None
+        gb = gs[-1] if b_on else None
+        if isinstance(m, nn.Linear):
+            if not w_on:  # bias only: per-sample piece is the summed output gradient
+                bt, bd = dt.reshape(len(rows), -1, dt.shape[-1]).sum(1), dd.reshape(len(rows), -1, dd.shape[-1]).sum(1)
+                acc.add(bt, bd, gb)
+                continue
+            acc.add_dots(_add_linear(inp[rows].to(dt.dtype), dt, dd, gw, gb, b_on))
+        elif isinstance(m, nn.Conv2d):
+            _add_conv(acc, m, inp[rows].to(dt.dtype), dt, dd, gw, gb, w_on, b_on, max_elems)
+        else:
+            xhat = _normalised(m, inp.to(dt.dtype))[rows]
+            red = _norm_reduce_dims(m, dt.ndim)
+            n_r = len(rows)
+            if w_on:
+                acc.add((dt * xhat).sum(red).reshape(n_r, -1), (dd * xhat).sum(red).reshape(n_r, -1), gw.reshape(-1))
+            if b_on:
+                acc.add(dt.sum(red).reshape(n_r, -1), dd.sum(red).reshape(n_r, -1), gb.reshape(-1))
+    info = coverage(model, names)
+    info["modules"] = len(names)
+    return acc.columns(student_logits.dtype), info
+
+
+def _add_conv(acc, m, x, dt, dd, gw, gb, w_on, b_on, max_elems):
+    """Conv2d: materialise per-sample weight pieces one row chunk at a time."""
+    n = x.shape[0]
+    g = m.groups
+    if b_on:
+        bt, bd = dt.sum((2, 3)), dd.sum((2, 3))
+        acc.add(bt, bd, gb)
+    if not w_on:
+        return
+    chunk = max(1, max_elems // max(1, gw.numel()))
+    pad = _conv_padding(m)
+    for s in range(0, n, chunk):
+        xs = x[s:s + chunk]
+        k = xs.shape[0]
+        u = F.unfold(xs, m.kernel_size, m.dilation, pad, m.stride)  # (k, Cin*kh*kw, L)
+        u = u.reshape(k, g, -1, u.shape[-1])  # (k, g, Cin/g*kh*kw, L)
+        pieces = []
+        for d in (dt[s:s + chunk], dd[s:s + chunk]):
+            d = d.reshape(k, g, -1, d.shape[-2] * d.shape[-1])  # (k, g, Cout/g, L)
+            pieces.append(torch.einsum("kgol,kgil->kgoi", d, u).reshape(k, -1))
+        acc.add(pieces[0], pieces[1], gw.reshape(-1), s)
+
+
+def _norm_reduce_dims(m: nn.Module, ndim: int) -> tuple[int, ...]:
+    """Dims summed to get one sample's affine-parameter gradient of a norm layer."""
+    if isinstance(m, nn.LayerNorm):
+        return tuple(range(1, ndim - len(m.normalized_shape)))
+    return tuple(range(2, ndim))
+
+
+def contribution_pieces(
+    student_logits: Tensor, model: nn.Module, captured: dict[str, tuple[Tensor, Tensor]],
+    cotangents: dict[str, Tensor], modules: Sequence[str] | None = None,
+) -> dict[str, dict[str, Tensor]]:
+    """Materialised per-sample pieces, for tests and small models (memory B x P per term).
+
+    Returns:
+        term -> parameter name -> (B, *param.shape); summed over B they give the term's
+        batch gradient of that parameter.
+    """
+    names, _, grads = _output_grads(student_logits, model, captured, cotangents, modules)
+    mods = dict(model.named_modules())
+    out: dict[str, dict[str, Tensor]] = {}
+    for term, gl in grads.items():
+        out[term] = {}
+        for i, n in enumerate(names):
+            m, x, d = mods[n], captured[n][0], gl[i]
+            x, b = x.to(d.dtype), d.shape[0]
+            pieces = {}
+            if isinstance(m, nn.Linear):
+                a, dl = x.reshape(b, -1, x.shape[-1]), d.reshape(b, -1, d.shape[-1])
+                pieces = {"weight": torch.einsum("blo,bli->boi", dl, a), "bias": dl.sum(1)}
+            elif isinstance(m, nn.Conv2d):
+                u = F.unfold(x, m.kernel_size, m.dilation, _conv_padding(m), m.stride)
+                u = u.reshape(b, m.groups, -1, u.shape[-1])
+                dl = d.reshape(b, m.groups, -1, d.shape[-2] * d.shape[-1])
+                pieces = {"weight": torch.einsum("bgol,bgil->bgoi", dl, u), "bias": d.sum((2, 3))}
+            else:
+                red = _norm_reduce_dims(m, d.ndim)
+                pieces = {"weight": (d * _normalised(m, x)).sum(red), "bias": d.sum(red)}
+            for attr, piece in pieces.items():
+                p = getattr(m, attr, None)
+                if isinstance(p, Tensor) and p.requires_grad:
+                    out[term][f"{n}.{attr}" if n else attr] = piece.reshape(b, *p.shape)
+    return out
