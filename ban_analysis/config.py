@@ -1,0 +1,238 @@
+"""Run configuration: TOML in, frozen dataclasses inside, JSON out.
+
+A config is data, never code. Every key is checked: an unknown key, a wrong type or an
+out-of-range value raises :class:`ConfigError` naming the key and what is allowed, before
+anything is trained or written. ``--set section.key=value`` overrides are parsed as TOML
+values, so ``--set train.epochs=3`` and ``--set model.params.widths=[128,128]`` both work.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key and what is allowed."""
+
+
+def _check(allowed: str, ok):
+    """Field metadata: a predicate plus the words that describe what is allowed."""
+    return {"check": ok, "allowed": allowed}
+
+
+def _one_of(*values):
+    return _check("one of " + ", ".join(repr(v) for v in values), lambda v: v in values)
+
+
+_POSITIVE = _check("an integer >= 1", lambda v: v >= 1)
+_NON_NEGATIVE = _check(">= 0", lambda v: v >= 0)
+_FRACTION = _check("a number in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset and how it is split and augmented (see ban_analysis.data)."""
+
+    name: str = "fashion_mnist"
+    root: str = ""  # "" -> $BAN_DATA, then torchvision downloads into cache_dir
+    val_size: int = field(default=5000, metadata=_NON_NEGATIVE)
+    val_seed: int = 0  # fixed across seeds on purpose: every run selects on the same held-out set
+    train_subset: int = field(default=0, metadata=_NON_NEGATIVE)  # 0 = every remaining train sample
+    augment: str = field(default="none", metadata=_one_of("none", "flip", "crop_flip"))
+    pad: int = field(default=4, metadata=_NON_NEGATIVE)
+    image_size: int = field(default=0, metadata=_NON_NEGATIVE)  # 0 = native size (image folders)
+    cache_dir: str = ""  # "" -> $BAN_CACHE or ~/.cache/ban_analysis
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "mlp"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Generation 0. Empty arch = the students' architecture; a checkpoint skips training it."""
+
+    arch: str = ""
+    params: dict = field(default_factory=dict)
+    checkpoint: str = ""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, per generation. Defaults follow the WRN recipe the paper uses."""
+
+    epochs: int = field(default=15, metadata=_POSITIVE)
+    batch_size: int = field(default=128, metadata=_POSITIVE)
+    eval_batch_size: int = field(default=1024, metadata=_POSITIVE)
+    optimizer: str = field(default="sgd", metadata=_one_of("sgd", "adamw"))
+    lr: float = field(default=0.1, metadata=_check("a number > 0", lambda v: v > 0))
+    momentum: float = field(default=0.9, metadata=_check("a number in [0, 1)", lambda v: 0 <= v < 1))
+    nesterov: bool = True
+    weight_decay: float = field(default=5e-4, metadata=_NON_NEGATIVE)
+    schedule: str = field(default="step", metadata=_one_of("step", "cosine", "constant"))
+    # lr x gamma at these fractions of the epochs: 30/60/80% is the WRN recipe's 60/120/160 of 200
+    milestones: list[float] = field(
+        default_factory=lambda: [0.3, 0.6, 0.8],
+        metadata=_check("fractions in (0, 1)", lambda v: all(0 < m < 1 for m in v)),
+    )
+    gamma: float = field(default=0.2, metadata=_check("a number in (0, 1]", lambda v: 0 < v <= 1))
+    amp: str = field(default="off", metadata=_one_of("off", "auto", "bf16", "fp16"))
+    channels_last: bool = False
+    compile: bool = False
+    # checkpoint every this many epochs (and always at the end of a generation)
+    checkpoint_every: int = field(default=1, metadata=_POSITIVE)
+
+
+@dataclass(frozen=True)
+class BanConfig:
+    """The chain: generations 1..K of students, each taught by the previous generation."""
+
+    generations: int = field(default=2, metadata=_NON_NEGATIVE)
+    objective: str = "ban"
+    params: dict = field(default_factory=dict)  # objective hyperparameters
+    ensemble_with_teacher: bool = False  # also report ensembles that include generation 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ban: BanConfig = field(default_factory=BanConfig)
+    hooks: dict = field(default_factory=dict)  # hook name -> options table (ban_analysis.hooks)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _type_name(tp) -> str:
+    origin = get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a table"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp, key: str):
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp in (bool, str, dict) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return copy.deepcopy(value) if tp is dict else value
+
+
+def _build(cls, table: Mapping[str, Any], prefix: str):
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a table, got {table!r}")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        where = f"[{prefix}]" if prefix else "the top level"
+        raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; "
+                          f"allowed: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in table.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+            continue
+        value = _coerce(value, tp, key)
+        meta = known[name].metadata
+        if "check" in meta and not meta["check"](value):
+            raise ConfigError(f"{key}: {value!r} is out of range; allowed: {meta['allowed']}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_override(table: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as TOML, bare words as strings)."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. train.epochs=3")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as `ban.objective=dkpp`
+    parts = key.split(".")
+    node = table
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a table")
+    node[parts[-1]] = value
+
+
+def validate_semantics(cfg: RunConfig) -> None:
+    """Cross-field checks that need the registries (objectives, models, hooks)."""
+    from ban_analysis.losses import get_objective
+    from ban_analysis.models import MODELS
+
+    for key, arch in (("model.arch", cfg.model.arch), ("teacher.arch", cfg.teacher.arch)):
+        if arch and arch not in MODELS:
+            raise ConfigError(f"{key}: unknown architecture {arch!r}; allowed: {', '.join(sorted(MODELS))}")
+    try:
+        get_objective(cfg.ban.objective, **cfg.ban.params)
+    except ValueError as err:
+        raise ConfigError(f"ban.objective/ban.params: {err}") from None
+    if cfg.teacher.checkpoint and not Path(cfg.teacher.checkpoint).is_file():
+        raise ConfigError(f"teacher.checkpoint: no such file {cfg.teacher.checkpoint!r}")
+    if cfg.hooks:
+        from ban_analysis.hooks import HookRunner
+
+        try:
+            HookRunner(cfg.hooks, seed=cfg.seed, train_size=1)
+        except ValueError as err:
+            raise ConfigError(f"hooks: {err}") from None
+
+
+def config_from_dict(table: Mapping[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    table = copy.deepcopy(dict(table))
+    for assignment in overrides or []:
+        _set_override(table, assignment)
+    cfg = _build(RunConfig, table, "")
+    validate_semantics(cfg)
+    return cfg
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML run config, apply ``--set`` overrides, validate everything."""
+    return config_from_dict(read_toml(path), overrides)

@@ -1,0 +1,271 @@
+"""The run folder: the only thing analysis reads.
+
+Layout (a contract; analysis and studies rely on it)::
+
+    <run>/config.json            the resolved RunConfig
+    <run>/manifest.json          seed, git commit, versions, device, times, parent checkpoint sha256 per gen
+    <run>/summary.json           per-generation and ensemble test metrics (fractions in [0, 1])
+    <run>/test_targets.npy, val_targets.npy   int64 labels (ensembles and analysis need them)
+    <run>/gen-<k>/checkpoint.pt  model + optimizer + RNG state, written atomically
+    <run>/gen-<k>/metrics.csv    epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds
+    <run>/gen-<k>/test_logits.npy, val_logits.npy   float32 (N, C)
+    <run>/gen-<k>/hooks/<hook>/epoch-<e>.parquet    what the hooks returned, one file per epoch
+
+Every file is written to a temporary name and renamed into place, so a kill at any moment
+leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked (other config, corrupt checkpoint, ...)."""
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RunFolderError(f"{path} is missing") from None
+    except json.JSONDecodeError as err:
+        raise RunFolderError(f"{path} is not valid JSON ({err})") from None
+
+
+def git_commit() -> str:
+    """The commit of the ban_analysis checkout this code runs from (+'-dirty'), or 'unknown'."""
+    src = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    import ban_analysis
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__,
+            "ban_analysis": ban_analysis.__version__}
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+class RunDir:
+    """One run folder: config, manifest, per-generation files, and the hook writer's output."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # ---- config and manifest -------------------------------------------------------------
+    def bind_config(self, config: Mapping[str, Any]) -> bool:
+        """Write config.json, or check that an existing one is identical. Returns True if resuming."""
+        config = json.loads(json.dumps(config))  # normalise tuples/ints the way JSON will
+        cfg_path = self.path / "config.json"
+        if cfg_path.exists():
+            old = read_json(cfg_path)
+            diff = _diff_keys(old, config)
+            if diff:
+                raise RunFolderError(
+                    f"{self.path} holds a run with a different config (differs in: {', '.join(diff[:5])}); "
+                    "use another --out folder or the original config")
+            return True
+        if self.path.exists() and any(self.path.iterdir()):
+            raise RunFolderError(f"{self.path} exists, is not empty and holds no config.json; "
+                                 "choose an empty or new --out folder")
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cfg_path, config)
+        return False
+
+    def config(self) -> dict:
+        return read_json(self.path / "config.json")
+
+    def manifest(self) -> dict:
+        path = self.path / "manifest.json"
+        return read_json(path) if path.exists() else {}
+
+    def update_manifest(self, **fields_: Any) -> dict:
+        manifest = self.manifest()
+        for key, value in fields_.items():
+            if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+                manifest[key] = {**manifest[key], **value}
+            else:
+                manifest[key] = value
+        atomic_write_json(self.path / "manifest.json", manifest)
+        return manifest
+
+    def start_manifest(self, seed: int, device: str) -> None:
+        manifest = self.manifest()
+        fields_ = {"seed": seed, "device": device, "git_commit": git_commit(),
+                   "versions": package_versions(), "command": " ".join(sys.argv)}
+        if "started" not in manifest:
+            fields_["started"] = now()
+        else:  # a resume: keep the first start, record this one
+            fields_["resumed"] = manifest.get("resumed", []) + [now()]
+        self.update_manifest(**fields_)
+
+    # ---- generations -----------------------------------------------------------------------
+    def gen_dir(self, gen: int) -> Path:
+        return self.path / f"gen-{gen}"
+
+    def checkpoint_path(self, gen: int) -> Path:
+        return self.gen_dir(gen) / "checkpoint.pt"
+
+    def save_checkpoint(self, gen: int, state: dict) -> None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(self.checkpoint_path(gen), buf.getvalue())
+
+    def load_checkpoint(self, gen: int | None = None, path: Path | None = None) -> dict:
+        path = Path(path) if path is not None else self.checkpoint_path(gen)
+        return load_checkpoint_file(path)
+
+    def write_metrics(self, gen: int, rows: list[dict]) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row[k] for k in METRIC_COLUMNS})
+        atomic_write_bytes(self.gen_dir(gen) / "metrics.csv", buf.getvalue().encode())
+
+    def save_logits(self, gen: int, split: str, logits: torch.Tensor) -> None:
+        atomic_save_npy(self.gen_dir(gen) / f"{split}_logits.npy",
+                        logits.detach().float().cpu().numpy())
+
+    def load_logits(self, gen: int, split: str = "test") -> np.ndarray:
+        path = self.gen_dir(gen) / f"{split}_logits.npy"
+        if not path.exists():
+            raise RunFolderError(f"{path} is missing")
+        return np.load(path)
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_json(self.path / "summary.json", summary)
+
+    def summary(self) -> dict:
+        return read_json(self.path / "summary.json")
+
+    def is_complete(self) -> bool:
+        return (self.path / "summary.json").exists() and "finished" in self.manifest()
+
+    # ---- hook output -------------------------------------------------------------------------
+    def hook_file(self, gen: int, hook: str, epoch: int) -> Path:
+        return self.gen_dir(gen) / "hooks" / hook / f"epoch-{epoch}.parquet"
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """Load a checkpoint with weights_only=True; a damaged file gives one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunFolderError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated / foreign files
+        raise RunFolderError(f"checkpoint {path} is corrupt or not a ban_analysis checkpoint "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                             "delete it to retrain that generation") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise RunFolderError(f"checkpoint {path} holds no 'model' state; not a ban_analysis checkpoint")
+    return state
+
+
+class HookWriter:
+    """Buffers hook outputs in memory and writes one Parquet file per hook and epoch.
+
+    Rows arrive as {hook: {column: tensor}} per step; per-sample columns are (B',) tensors and
+    per-step values are 0-d tensors (broadcast to one row). The epoch's file is written at epoch
+    end, before the epoch's checkpoint, so a crash loses at most this epoch and resume rewrites it.
+    """
+
+    def __init__(self, run: RunDir, gen: int):
+        self.run, self.gen = run, gen
+        self._buffers: dict[str, list[dict[str, np.ndarray]]] = {}
+
+    def add(self, epoch: int, step: int, outputs: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        for hook, columns in outputs.items():
+            if not columns:
+                continue
+            arrays = {name: t.detach().cpu().numpy() for name, t in columns.items()}
+            n_rows = max((a.shape[0] for a in arrays.values() if a.ndim == 1), default=1)
+            if n_rows == 0:
+                continue
+            block = {"gen": np.full(n_rows, self.gen, np.int32), "epoch": np.full(n_rows, epoch, np.int32),
+                     "step": np.full(n_rows, step, np.int64)}
+            for name, a in arrays.items():
+                block[name] = np.broadcast_to(a, (n_rows,)) if a.ndim == 0 else a
+            self._buffers.setdefault(hook, []).append(block)
+
+    def flush(self, epoch: int) -> None:
+        import pandas as pd
+
+        for hook, blocks in self._buffers.items():
+            frame = pd.concat([pd.DataFrame(b) for b in blocks], ignore_index=True)
+            buf = io.BytesIO()
+            frame.to_parquet(buf, index=False, compression="zstd")
+            atomic_write_bytes(self.run.hook_file(self.gen, hook, epoch), buf.getvalue())
+        self._buffers.clear()
+
+    def discard(self) -> None:
+        self._buffers.clear()
