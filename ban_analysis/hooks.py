@@ -1,0 +1,455 @@
+"""Instrumentation hooks: per-step observations of the gradient split, returned as tensors.
+
+A hook is one class with one method, ``__call__(ctx) -> dict[str, Tensor]``, registered in
+``HOOKS`` by name. It receives a :class:`StepContext` after the objective and before the
+trainer's backward, and returns per-sample columns (n,) or per-step 0-d tensors. Hooks never
+write files and never change parameters, buffers, ``.grad``, BatchNorm statistics, the
+optimizer or any random stream: they differentiate the training graph with
+``torch.autograd.grad(..., retain_graph=True)`` and read activations captured during the
+training forward (no second forward in training mode).
+
+:class:`HookRunner` turns the run config's ``[hooks.<name>]`` tables into due hooks per step,
+registers forward hooks only on steps where a due hook needs activations, picks the samples
+each hook reports, and collects ``{hook: {column: tensor}}`` for the run writer.
+
+Per-sample gradients use the logit-gradient row of the sample times B (batch-mean factor
+removed), split at the label: target part = the value at the label coordinate, dark part =
+the rest (``decompose.split_logit_grad``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ban_analysis import param_grads as pg
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HOOKS", "Hook", "HookRunner", "StepContext", "register_hook"]
+
+
+@dataclass
+class StepContext:
+    """What a hook sees at one training step (built by the trainer after the objective).
+
+    Attributes:
+        gen, epoch, step: generation, epoch, global optimizer step in the generation (0-based).
+        sample_index: (B,) int64 index of each sample in the training set.
+        inputs: (B, ...) float inputs the model saw (augmented, normalised).
+        target: (B,) int64 labels.
+        student_logits: (B, C) with autograd graph to the model parameters; hooks only call
+            ``torch.autograd.grad(..., retain_graph=True)`` on it.
+        teacher_logits: (B, C) detached, or None (objective ``ce``).
+        out: the objective's ``ObjectiveOutput``.
+        model: the student, in training mode.
+        captured: module name -> (input, output) from ``HookRunner.capture`` (may be left
+            empty: the runner then uses what its own capture of this step recorded).
+        rows: set by the runner per hook: batch positions the hook reports (None = all).
+        cache: shared by the hooks of one step (e.g. the per-term batch gradients).
+    """
+
+    gen: int
+    epoch: int
+    step: int
+    sample_index: Tensor
+    inputs: Tensor
+    target: Tensor
+    student_logits: Tensor
+    teacher_logits: Tensor | None
+    out: Any
+    model: nn.Module
+    captured: dict = field(default_factory=dict)
+    rows: Tensor | None = None
+    cache: dict = field(default_factory=dict)
+
+
+class Hook:
+    """Base class. Subclasses set the class attributes and implement ``__call__``.
+
+    Class attributes: ``name``; ``per_sample`` (columns (n,) with ``sample_index`` added by
+    the runner, or per-step 0-d tensors); defaults ``every_n_steps``, ``samples``,
+    ``sample_from``; ``options`` = option -> default; ``choices`` = option -> allowed values.
+    """
+
+    name: ClassVar[str] = ""
+    per_sample: ClassVar[bool] = True
+    every_n_steps: ClassVar[int] = 1
+    samples: ClassVar[Any] = "all"
+    sample_from: ClassVar[str] = "train"
+    options: ClassVar[dict] = {}
+    choices: ClassVar[dict] = {}
+
+    def __init__(self, **options: Any) -> None:
+        self.opts = {**self.options, **options}
+        self.state: dict[str, Any] = {}  # what info() reports, filled while running
+
+    def capture_modules(self, model: nn.Module) -> tuple[list[str], bool]:
+        """Modules whose (input, output) this hook needs, and whether outputs are differentiated."""
+        return [], False
+
+    def __call__(self, ctx: StepContext) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+HOOKS: dict[str, type[Hook]] = {}
+
+
+def register_hook(cls: type[Hook]) -> type[Hook]:
+    HOOKS[cls.name] = cls
+    return cls
+
+
+def _cotangents(ctx: StepContext, scale: bool) -> dict[str, Tensor]:
+    """Term cotangents from the logit gradient split at the label; ``scale``: times B."""
+    key = ("cot", scale)
+    if key not in ctx.cache:
+        from ban_analysis.decompose import split_logit_grad
+
+        g = ctx.out.logit_grad.detach()  # (B, C)
+        if scale:
+            g = g * g.shape[0]
+        target_part, dark_part = split_logit_grad(g, ctx.target)
+        ctx.cache[key] = {"target": target_part, "dark": dark_part}
+    return ctx.cache[key]
+
+
+def _sel(x: Tensor, rows: Tensor | None) -> Tensor:
+    return x if rows is None else x[rows]
+
+
+def _head_name(model: nn.Module) -> str:
+    """Name of the final linear layer: ``models.head_of`` if available, else the last Linear."""
+    head = None
+    try:
+        from ban_analysis.models import head_of
+
+        head = head_of(model)
+    except (ImportError, ValueError, AttributeError, TypeError):
+        head = None
+    names = {id(m): n for n, m in model.named_modules()}
+    if head is not None and id(head) in names:
+        return names[id(head)]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("head_split needs a model whose logits come from an nn.Linear head")
+    return linears[-1]
+
+
+def _trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n, _ in named], [p for _, p in named]
+
+
+def _term_grads(ctx: StepContext, batched: bool = False) -> tuple[list[str], dict[str, list[Tensor]]]:
+    """Batch gradient of each term over all trainable parameters (cached per step)."""
+    if "term_grads" not in ctx.cache:
+        names, params = _trainable(ctx.model)
+        cot = _cotangents(ctx, scale=False)
+        if batched:  # one vmapped backward for both terms
+            stacked = torch.stack([cot["target"], cot["dark"]]).to(ctx.student_logits.dtype)
+            g = torch.autograd.grad(ctx.student_logits, params, grad_outputs=stacked,
+                                    retain_graph=True, allow_unused=True, is_grads_batched=True)
+            g = [torch.zeros(2, *p.shape, dtype=p.dtype, device=p.device) if x is None else x
+                 for p, x in zip(params, g)]
+            grads = {"target": [x[0] for x in g], "dark": [x[1] for x in g]}
+        else:
+            grads = pg.term_batch_grads(ctx.student_logits, params, cot)
+        ctx.cache["term_grads"] = (names, grads)
+    return ctx.cache["term_grads"]
+
+
+@register_hook
+class LogitSplit(Hook):
+    """Per-sample logit-level split: ``decompose.per_sample_stats`` plus ``target``.
+
+    Cost: a few elementwise ops on (B, C); no backward.
+    """
+
+    name = "logit_split"
+
+    def __call__(self, ctx: StepContext) -> dict[str, Tensor]:
+        from ban_analysis.decompose import per_sample_stats
+
+        stats = per_sample_stats(ctx.student_logits.detach(), ctx.teacher_logits, ctx.target, ctx.out)
+        cols = {"target": _sel(ctx.target, ctx.rows)}
+        cols.update({k: _sel(v, ctx.rows) for k, v in stats.items()})
+        return cols
+
+
+@register_hook
+class HeadSplit(Hook):
+    """Exact per-sample head-gradient norms of each term (closed form, outer product).
+
+    Columns: ``head_target_norm, head_dark_norm, head_cos, feature_norm``. ``include_bias``
+    (default true) counts the head bias in the norms. Cost: the head input is kept from the
+    forward; O(B (C + D)) arithmetic, no backward.
+    """
+
+    name = "head_split"
+    options = {"include_bias": True}
+
+    def capture_modules(self, model):
+        self.state["head"] = _head_name(model)
+        return [self.state["head"]], False
+
+    def __call__(self, ctx):
+        head = self.state.get("head") or _head_name(ctx.model)
+        if head not in ctx.captured:
+            raise ValueError("head_split needs the student forward wrapped in runner.capture(model, step)")
+        features = ctx.captured[head][0]  # (B, D)
+        return pg.head_stats(features, _cotangents(ctx, scale=True), ctx.rows,
+                             include_bias=self.opts["include_bias"])
+
+
+@register_hook
+class UpdateShare(Hook):
+    """Per step: each term's batch gradient (one VJP each) and its share of the update.
+
+    Columns (0-d): ``target_norm, dark_norm, grad_norm, cos_target_dark, share_target,
+    share_dark`` over all trainable parameters, and ``<group>.<column>`` per layer group
+    (first ``group_depth`` components of the module path). G is the objective's gradient
+    (no weight decay or momentum). Cost: about two backward passes per call.
+    """
+
+    name = "update_share"
+    per_sample = False
+    options = {"group_depth": 1, "batched": False}
+
+    def __call__(self, ctx):
+        names, grads = _term_grads(ctx, batched=self.opts["batched"])
+        return pg.update_share_stats(grads, pg.layer_groups(names, self.opts["group_depth"]))
+
+
+@register_hook
+class ParamSplit(Hook):
+    """Per-sample parameter gradients of each term (sampled).
+
+    Columns: ``param_target_norm, param_dark_norm, param_cos, target_cos_batch,
+    dark_cos_batch``. Modes: ``contribution`` (default; each sample's contribution to the
+    batch gradient from Linear/Conv2d/norm-layer activations, ~2 backward passes),
+    ``exact`` (d loss_s / d theta with BatchNorm coupling, ~2 backward passes per sample),
+    ``vmap`` (torch.func; no training-mode BN or dropout unless ``eval_mode = true``).
+    By default it looks at ``samples`` rows drawn from each due step's batch
+    (``sample_from = "batch"``), because a fixed subset of the training set is rarely in the
+    batch of a sampled step.
+    """
+
+    name = "param_split"
+    every_n_steps = 50
+    samples = 32
+    sample_from = "batch"
+    options = {"mode": "contribution", "chunk_size": 16, "eval_mode": False}
+    choices = {"mode": ("contribution", "exact", "vmap")}
+
+    def capture_modules(self, model):
+        if self.opts["mode"] != "contribution":
+            return [], False
+        return pg.covered_modules(model), True
+
+    def __call__(self, ctx):
+        mode = self.opts["mode"]
+        cot = _cotangents(ctx, scale=True)
+        self.state["mode"] = mode
+        if mode == "contribution":
+            if not ctx.captured:
+                raise ValueError("param_split mode 'contribution' needs the forward wrapped in "
+                                 "runner.capture(model, step)")
+            cols, info = pg.contribution_stats(ctx.student_logits, ctx.model, ctx.captured, cot, ctx.rows)
+            self.state.update(info)
+            return cols
+        names, grads = _term_grads(ctx)
+        batch = [t + d for t, d in zip(grads["target"], grads["dark"])]
+        n_params = sum(p.numel() for p in batch)
+        self.state.update(covered_params=n_params, total_params=n_params)
+        if mode == "exact":
+            params = dict(zip(names, _trainable(ctx.model)[1]))
+            return pg.exact_stats(ctx.student_logits, params, cot, ctx.rows,
+                                  chunk_size=self.opts["chunk_size"], batch_grad=batch)
+        eval_mode = self.opts["eval_mode"] and bool(pg.coupling_modules(ctx.model))
+        self.state["eval_mode"] = eval_mode
+        return pg.vmap_stats(ctx.model, ctx.inputs, cot, dict(zip(names, batch)), ctx.rows,
+                             chunk_size=self.opts["chunk_size"], eval_mode=self.opts["eval_mode"])
+
+
+def _seed_of(*parts: Any) -> int:
+    """A stable 63-bit seed from the parts (Python's hash() differs between processes)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _check_int(what: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{what} must be an int >= {low}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    hook: Hook
+    every_n_steps: int
+    samples: Any  # "all" or int
+    sample_from: str
+    subset: Tensor | None  # sorted fixed subset of train indices (sample_from "train", n given)
+
+
+def _resolve(name: str, table: Mapping[str, Any] | None, seed: int, pool: Tensor) -> _Resolved:
+    if name not in HOOKS:
+        raise ValueError(f"unknown hook {name!r}; valid hooks: {', '.join(HOOKS)}")
+    cls = HOOKS[name]
+    table = dict(table or {})
+    common = ["every_n_steps", "samples"] + (["sample_from"] if cls.per_sample else [])
+    valid = common + list(cls.options)
+    unknown = sorted(set(table) - set(valid))
+    if unknown:
+        raise ValueError(f"hook {name!r}: unknown option(s) {unknown}; valid options: {', '.join(valid)}")
+    every = _check_int(f"hooks.{name}.every_n_steps", table.pop("every_n_steps", cls.every_n_steps), 1)
+    samples = table.pop("samples", cls.samples if cls.per_sample else "all")
+    if samples != "all":
+        _check_int(f"hooks.{name}.samples ('all' or)", samples, 1)
+        if not cls.per_sample:
+            raise ValueError(f"hooks.{name}.samples must be 'all' (it is a per-step hook), got {samples!r}")
+    sample_from = table.pop("sample_from", cls.sample_from)
+    if sample_from not in ("train", "batch"):
+        raise ValueError(f"hooks.{name}.sample_from must be 'train' or 'batch', got {sample_from!r}")
+    for key, value in table.items():
+        default = cls.options[key]
+        if type(value) is not type(default):
+            raise ValueError(f"hooks.{name}.{key} must be {type(default).__name__}, got {value!r}")
+        if key in cls.choices and value not in cls.choices[key]:
+            raise ValueError(f"hooks.{name}.{key} must be one of {list(cls.choices[key])}, got {value!r}")
+        if isinstance(default, int) and not isinstance(default, bool):
+            _check_int(f"hooks.{name}.{key}", value, 1)
+    subset = None
+    if samples != "all" and sample_from == "train":
+        if samples > pool.numel():
+            logger.warning("hooks.%s.samples = %d exceeds the %d training samples; using all",
+                           name, samples, pool.numel())
+        g = torch.Generator().manual_seed(_seed_of(seed, name))
+        subset = pool[torch.randperm(pool.numel(), generator=g)[:samples]].sort().values
+    return _Resolved(cls(**table), every, samples, sample_from, subset)
+
+
+class _Capture:
+    """Context manager around the student forward; ``.captured`` is filled inside it."""
+
+    def __init__(self, names: list[str], clone: bool, model: nn.Module) -> None:
+        self.captured: dict[str, tuple[Tensor, Tensor]] = {}
+        self._names, self._clone, self._model, self._cm = names, clone, model, None
+
+    def __enter__(self) -> "_Capture":
+        if self._names:
+            self._cm = pg.capture_activations(self._model, self._names, clone_outputs=self._clone)
+            self.captured = self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._cm is not None:
+            self._cm.__exit__(*exc)
+            self._cm = None
+
+
+class HookRunner:
+    """Runs the configured hooks at their steps.
+
+    Args:
+        hook_cfgs: hook name -> its TOML table (``every_n_steps``, ``samples``,
+            ``sample_from`` and hook options; missing keys take the hook's defaults). A list
+            of names means every named hook with its defaults.
+        seed: the run seed; fixed subsets are drawn from a generator seeded by (seed, hook).
+        train_size: number of training indices (subsets are drawn from range(train_size)).
+        train_index: optional (N,) int64 indices of the training split; subsets are drawn
+            from these (so a held-out validation index is never chosen).
+    """
+
+    def __init__(self, hook_cfgs: Mapping[str, Any] | list[str] | None, seed: int,
+                 train_size: int, train_index: Tensor | None = None) -> None:
+        if isinstance(hook_cfgs, (list, tuple)):
+            hook_cfgs = {name: {} for name in hook_cfgs}
+        hook_cfgs = dict(hook_cfgs or {})
+        for name, table in hook_cfgs.items():
+            if table is not None and not isinstance(table, Mapping):
+                raise ValueError(f"hooks.{name} must be a table of options, got {table!r}")
+        pool = (torch.as_tensor(train_index).long().reshape(-1).cpu() if train_index is not None
+                else torch.arange(_check_int("train_size", train_size, 1)))
+        self.seed = seed
+        # Registry order, so update_share's batch gradients are cached before param_split.
+        self.hooks = {name: _resolve(name, hook_cfgs[name], seed, pool) for name in HOOKS if name in hook_cfgs}
+        unknown = sorted(set(hook_cfgs) - set(HOOKS))
+        if unknown:
+            raise ValueError(f"unknown hook(s) {unknown}; valid hooks: {', '.join(HOOKS)}")
+        self._capture: tuple[int, _Capture] | None = None
+
+    def due(self, step: int) -> list[str]:
+        """Names of the hooks that run at this step (step % every_n_steps == 0)."""
+        return [n for n, r in self.hooks.items() if step % r.every_n_steps == 0]
+
+    def capture(self, model: nn.Module, step: int) -> _Capture:
+        """Context manager for the student forward of ``step``.
+
+        Registers forward hooks only for modules a due hook needs (head input for
+        ``head_split``; Linear/Conv2d/norm layers for ``param_split`` in contribution mode,
+        whose outputs are passed on as identical copies) and removes them on exit.
+        ``.captured`` holds name -> (input, output) after the block.
+        """
+        names, clone = [], False
+        for n in self.due(step):
+            mods, c = self.hooks[n].hook.capture_modules(model)
+            names += [m for m in mods if m not in names]
+            clone = clone or c
+        cap = _Capture(names, clone, model)
+        self._capture = (step, cap) if names else None
+        return cap
+
+    def _rows(self, name: str, r: _Resolved, ctx: StepContext) -> Tensor | None:
+        if r.samples == "all":
+            return None
+        device = ctx.sample_index.device
+        if r.sample_from == "train":
+            mask = torch.isin(ctx.sample_index, r.subset.to(device))
+            return mask.nonzero().squeeze(1)
+        batch = ctx.sample_index.shape[0]
+        if r.samples >= batch:
+            return None
+        g = torch.Generator().manual_seed(_seed_of(self.seed, name, ctx.gen, ctx.step))
+        return torch.randperm(batch, generator=g)[:r.samples].sort().values.to(device)
+
+    def run(self, ctx: StepContext) -> dict[str, dict[str, Tensor]]:
+        """Run the hooks due at ``ctx.step``; returns hook name -> column -> tensor."""
+        due = self.due(ctx.step)
+        if not due:
+            return {}
+        captured = ctx.captured
+        if not captured and self._capture is not None and self._capture[0] == ctx.step:
+            captured = self._capture[1].captured
+        cache: dict = {}
+        results = {}
+        try:
+            for name in due:
+                r = self.hooks[name]
+                rows = self._rows(name, r, ctx)
+                if rows is not None and rows.numel() == 0:
+                    continue
+                cols = r.hook(dataclasses.replace(ctx, captured=captured, rows=rows, cache=cache))
+                if r.hook.per_sample:
+                    cols = {"sample_index": _sel(ctx.sample_index, rows), **cols}
+                results[name] = {k: v.detach() for k, v in cols.items()}
+        finally:
+            self._capture = None  # free the activations
+        return results
+
+    def info(self) -> dict[str, Any]:
+        """JSON-ready description of the hooks for the manifest (config and what ran)."""
+        out = {}
+        for name, r in self.hooks.items():
+            out[name] = {"every_n_steps": r.every_n_steps, "samples": r.samples,
+                         **({"sample_from": r.sample_from} if r.hook.per_sample else {}),
+                         **r.hook.opts, **{k: v for k, v in r.hook.state.items()}}
+        return out
+
