@@ -203,7 +203,13 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
                 capture = hooks.capture(model, step) if hooks is not None else contextlib.nullcontext()
                 with capture, autocast_context(cfg.amp, device):
                     student_logits = forward(x)
-                out = objective(student_logits, teacher_logits, target, generator=objective_gen)
+                try:
+                    out = objective(student_logits, teacher_logits, target, generator=objective_gen)
+                except ValueError:
+                    # objectives refuse non-finite logits: that is divergence, diagnosed below
+                    _check_finite(student_logits.detach().sum(), student_logits, gen=gen, epoch=epoch,
+                                  step=step, lr=lr)
+                    raise
                 _check_finite(out.loss, student_logits, gen=gen, epoch=epoch, step=step, lr=lr)
                 if hooks is not None:
                     _run_hooks(hooks, writer, model, gen, epoch, step, index, x, target,
