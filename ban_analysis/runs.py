@@ -121,13 +121,15 @@ class RunDir:
         self.path = Path(path)
 
     # ---- config and manifest -------------------------------------------------------------
-    def bind_config(self, config: Mapping[str, Any]) -> bool:
-        """Write config.json, or check that an existing one is identical. Returns True if resuming."""
-        config = json.loads(json.dumps(config))  # normalise tuples/ints the way JSON will
+    def check_config(self, config: Mapping[str, Any]) -> bool:
+        """True if this folder holds a run of exactly ``config`` (resume); False if it is new.
+
+        Raises RunFolderError for a folder with another config or foreign content. Writes nothing,
+        so a run that fails before training (missing data, say) leaves no half-made folder.
+        """
         cfg_path = self.path / "config.json"
         if cfg_path.exists():
-            old = read_json(cfg_path)
-            diff = _diff_keys(old, config)
+            diff = _diff_keys(read_json(cfg_path), json.loads(json.dumps(config)))
             if diff:
                 raise RunFolderError(
                     f"{self.path} holds a run with a different config (differs in: {', '.join(diff[:5])}); "
@@ -136,8 +138,14 @@ class RunDir:
         if self.path.exists() and any(self.path.iterdir()):
             raise RunFolderError(f"{self.path} exists, is not empty and holds no config.json; "
                                  "choose an empty or new --out folder")
+        return False
+
+    def bind_config(self, config: Mapping[str, Any]) -> bool:
+        """Check (see :meth:`check_config`) and write config.json if new. Returns True if resuming."""
+        if self.check_config(config):
+            return True
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cfg_path, config)
+        atomic_write_json(self.path / "config.json", json.loads(json.dumps(config)))
         return False
 
     def config(self) -> dict:

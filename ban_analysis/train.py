@@ -363,17 +363,18 @@ def run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen:
     from ban_analysis.runs import atomic_save_npy, now, sha256_file
 
     run = RunDir(out_dir)
-    resuming = run.bind_config(cfg.to_dict())
+    resuming = run.check_config(cfg.to_dict())
     last_gen = cfg.ban.generations if until_gen is None else min(until_gen, cfg.ban.generations)
     if resuming and run.is_complete():
         logger.info("%s is complete; nothing to do", run.path)
         return run.summary()
     torch_device = resolve_device(device)
-    run.start_manifest(cfg.seed, describe_device(torch_device))
     d = cfg.data
     bundle = load_dataset(d.name, root=d.root or None, val_size=d.val_size, val_seed=d.val_seed,
                           train_subset=d.train_subset, image_size=d.image_size or None,
                           cache_dir=d.cache_dir or None, device=torch_device)
+    run.bind_config(cfg.to_dict())  # only now: a run that cannot start leaves no folder behind
+    run.start_manifest(cfg.seed, describe_device(torch_device))
     for split in ("val", "test"):
         labels = getattr(bundle, split).y.cpu().numpy().astype("int64")
         atomic_save_npy(run.path / f"{split}_targets.npy", labels)
