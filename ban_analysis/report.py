@@ -51,14 +51,14 @@ def _ci(lo, hi, signed=True, digits=2) -> str:
     return f"[{_num(lo, digits, signed)}, {_num(hi, digits, signed)}]"
 
 
-def _jsonable(obj):
+def to_jsonable(obj):
     """Plain JSON types; NaN and ±inf become null (JSON has neither)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [to_jsonable(v) for v in obj]
     if isinstance(obj, pd.DataFrame):
-        return _jsonable(obj.to_dict("records"))
+        return to_jsonable(obj.to_dict("records"))
     if isinstance(obj, (np.bool_, bool)):
         return bool(obj)
     if isinstance(obj, (np.integer,)):
@@ -151,6 +151,20 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _add_figure(doc: _Doc, out: Path, listing: list, name: str, make, caption: str) -> None:
+    """Draw, save to out/figures/<name>.png and place in the document; a figure with nothing to draw
+    (an objective or log absent) becomes a one-line note instead."""
+    try:
+        fig = make()
+    except ValueError as err:
+        doc.p(f"Figure '{name}' is not shown: {err}.")
+        return
+    png = _png(fig)
+    (out / "figures" / f"{name}.png").write_bytes(png)
+    doc.figure(name, png, caption)
+    listing.append(f"figures/{name}.png")
+
+
 # ----------------------------------------------------------------------------- tables
 
 
@@ -218,7 +232,7 @@ def _methods(study: A.Study, att: A.Attribution, versions: dict, commits: list[s
 # ----------------------------------------------------------------------------- the report
 
 
-def _hook_sections(doc: _Doc, study: A.Study, figs: list, stats: dict, seed: int) -> None:
+def _hook_sections(doc: _Doc, study: A.Study, fig, stats: dict, seed: int) -> None:
     doc.h(3, "How the objectives teach (hook logs and test logits)")
     share = A.update_share_by_epoch(study)
     if share.empty:
@@ -231,14 +245,14 @@ def _hook_sections(doc: _Doc, study: A.Study, figs: list, stats: dict, seed: int
         doc.table(pd.DataFrame({"objective": summary["objective"], "epoch": summary["epoch"],
                                 "n": summary["n"], "dark share": [_num(x, 3) for x in summary["share_dark"]],
                                 "95% CI": [_ci(lo, hi, False, 3) for lo, hi in zip(summary["ci_low"], summary["ci_high"])]}))
-        figs.append(("update_share", F.update_share_over_training(share, seed=seed),
-                     "Share of the update carried by the target and dark terms over training; bands: 95% CI across seeds."))
+        fig("update_share", lambda: F.update_share_over_training(share, seed=seed),
+                     "Share of the update carried by the target and dark terms over training; bands: 95% CI across seeds.")
     terms = A.term_sizes(study, rng=np.random.default_rng(seed))
     if terms.empty:
         doc.p("No logit_split logs with teacher columns: the confidence-vs-term-size figure is not shown.")
     else:
-        figs.append(("confidence_vs_term_sizes", F.confidence_vs_term_sizes(terms),
-                     "Teacher confidence vs per-sample size of the target and dark terms (logit_split), generation 1."))
+        fig("confidence_vs_term_sizes", lambda: F.confidence_vs_term_sizes(terms),
+                     "Teacher confidence vs per-sample size of the target and dark terms (logit_split), generation 1.")
     cos = A.param_cos_by_epoch(study)
     if cos.empty:
         doc.p("No param_split logs: the per-sample parameter-gradient cosine is not shown.")
@@ -251,8 +265,8 @@ def _hook_sections(doc: _Doc, study: A.Study, figs: list, stats: dict, seed: int
         doc.table(pd.DataFrame({"objective": last["objective"], "epoch": last["epoch"], "n": last["n"],
                                 "cosine": [_num(x, 3, True) for x in last["mean"]],
                                 "95% CI": [_ci(lo, hi, True, 3) for lo, hi in zip(last["ci_low"], last["ci_high"])]}))
-        figs.append(("param_cosine", F.param_cosine_over_epochs(cos, seed=seed),
-                     "Per-sample cosine between the two terms' parameter gradients by epoch; bands: 95% CI across seeds."))
+        fig("param_cosine", lambda: F.param_cosine_over_epochs(cos, seed=seed),
+                     "Per-sample cosine between the two terms' parameter gradients by epoch; bands: 95% CI across seeds.")
     fix = A.fixes(study)
     if fix.empty:
         doc.p("No test logits: which samples students fix is not shown.")
@@ -274,9 +288,9 @@ def _hook_sections(doc: _Doc, study: A.Study, figs: list, stats: dict, seed: int
                           ("teacher_nontarget_entropy", "teacher non-target entropy")):
         bins = A.fix_rate_by_bin(fix, column)
         if not bins.empty:
-            figs.append((f"fix_rate_by_{column}", F.fix_rate_by_confidence(bins, label, seed=seed),
+            fig(f"fix_rate_by_{column}", lambda: F.fix_rate_by_confidence(bins, label, seed=seed),
                          f"Fraction of the teacher's test mistakes each student fixes, by {label} (quintiles); "
-                         "bands: 95% CI across seeds."))
+                         "bands: 95% CI across seeds.")
 
 
 def write_report(study_dir: str | Path, command: str | None = None, *, seed: int = 0) -> Path:
@@ -308,7 +322,8 @@ def write_report(study_dir: str | Path, command: str | None = None, *, seed: int
                    "a12": {} if att.a12.empty else att.a12.to_dict(orient="index"), "hooks": {},
                    "rules": {"verdict": A.VERDICT_RULES, "fraction": A.FRACTION_RULES, "answer": A.ANSWER_RULES,
                              "families": A.FAMILIES}}
-    doc, figs = _Doc(), []
+    doc, listing = _Doc(), []
+    fig = lambda name, make, caption: _add_figure(doc, out, listing, name, make, caption)  # noqa: E731
     doc.h(1, f"Study report: {name}")
     doc.p("**Question:** does CWTM confidence weighting or DKPP's permuted dark knowledge explain the students' "
           "gains over their teachers?")
@@ -330,28 +345,25 @@ def write_report(study_dir: str | Path, command: str | None = None, *, seed: int
     doc.table(pd.DataFrame({"student": acc["student"], "n": acc["n"], "mean (%)": [_num(x) for x in acc["mean"]],
                             "sd": [_num(x) for x in acc["sd"]],
                             "95% CI": [_ci(lo, hi, False) for lo, hi in zip(acc["ci_low"], acc["ci_high"])]}))
-    figs_ev = [("accuracy", lambda: F.accuracy_by_objective(study.results, seed=seed),
-                "Test accuracy per seed (dots) and mean with 95% bootstrap CI, by objective and generation."),
-               ("paired_slopes", lambda: F.paired_slopes(att.matrix),
-                "Teacher -> generation-1 student per seed (green: student better)."),
-               ("forest", lambda: F.forest_plot(comps, att.margin),
-                f"Paired differences with 95% CIs; shaded: the equivalence margin ±{att.margin:.2f} points."),
-               ("improvement_matrix", lambda: F.improvement_matrix(att.a12),
-                "Within-seed probability that the row beats the column."),
-               ("generations", lambda: F.generations_curve(study.results, seed=seed),
-                "BAN generations and ensembles of generations 1..k; grey: single seeds.")]
-    for fig_name, make, caption in figs_ev:
-        try:
-            figs.append((fig_name, make(), caption))
-        except ValueError as err:  # nothing to draw (an objective absent): say so, keep going
-            doc.p(f"Figure '{fig_name}' is not shown: {err}.")
+    fig("accuracy", lambda: F.accuracy_by_objective(study.results, seed=seed),
+        "Test accuracy per seed (dots) and mean with 95% bootstrap CI, by objective and generation.")
+    fig("paired_slopes", lambda: F.paired_slopes(att.matrix),
+        "Teacher -> generation-1 student per seed (green: student better).")
+    doc.h(3, "Paired comparisons")
     if comps.empty:
         doc.p("No paired comparisons are possible (teacher or students missing).")
     for family, description in A.FAMILIES.items():
         rows = comps[comps["family"] == family] if not comps.empty else comps
         if len(rows):
-            doc.h(3, f"Family {family}: {description} (Holm within family, m = {len(rows)})")
+            doc.h(4, f"Family {family}: {description} (Holm within family, m = {len(rows)})")
             doc.table(_comparison_table(rows))
+    if not comps.empty:
+        fig("forest", lambda: F.forest_plot(comps, att.margin),
+            f"Paired differences with 95% CIs, coloured by verdict; shaded: the equivalence margin ±{att.margin:.2f} points.")
+    fig("improvement_matrix", lambda: F.improvement_matrix(att.a12),
+        "Within-seed probability that the row beats the column.")
+    fig("generations", lambda: F.generations_curve(study.results, seed=seed),
+        "BAN generations and ensembles of generations 1..k; grey: single seeds.")
     fr = att.fractions
     if len(fr):
         doc.h(3, "Fraction of BAN's gain over the teacher each objective recovers")
@@ -360,14 +372,8 @@ def write_report(study_dir: str | Path, command: str | None = None, *, seed: int
                                 "fraction": [_num(x) for x in fr["estimate"]],
                                 "95% CI": [_ci(lo, hi, False) for lo, hi in zip(fr["ci_low"], fr["ci_high"])],
                                 "verdict": fr["verdict"]}))
-    _hook_sections(doc, study, figs, stats, seed)
-
-    doc.h(2, "Figures")
-    for fig_name, fig, caption in figs:
-        png = _png(fig)
-        (out / "figures" / f"{fig_name}.png").write_bytes(png)
-        doc.figure(fig_name, png, caption)
-    stats["figures"] = [f"figures/{n}.png" for n, _, _ in figs]
+    _hook_sections(doc, study, fig, stats, seed)
+    stats["figures"] = listing
 
     doc.h(2, "Verdict rules (checked in order; the first that holds decides)")
     doc.table(pd.DataFrame(A.VERDICT_RULES, columns=["verdict", "rule", "wording"]))
@@ -381,6 +387,6 @@ def write_report(study_dir: str | Path, command: str | None = None, *, seed: int
 
     (out / "index.md").write_text(doc.markdown())
     (out / "report.html").write_text(doc.html(f"Study report: {name}"))
-    (out / "stats.json").write_text(json.dumps(_jsonable(stats), indent=2, allow_nan=False) + "\n")
+    (out / "stats.json").write_text(json.dumps(to_jsonable(stats), indent=2, allow_nan=False) + "\n")
     logger.info("report written to %s", out)
     return out

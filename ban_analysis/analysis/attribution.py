@@ -145,6 +145,17 @@ def _compare(matrix: pd.DataFrame, a: str, b: str, margin: float, rng: np.random
             "p_tost": stats.tost_paired(x, y, margin)}
 
 
+def _mde(sd: float, n: int, alpha: float) -> float:
+    """Minimum detectable effect (points) of the paired t-test at POWER; NaN where it cannot be computed."""
+    if n < 2 or not np.isfinite(sd) or sd <= 0:
+        return math.nan
+    try:
+        return stats.min_detectable_effect(sd, n, alpha, POWER)
+    except ValueError as err:  # the noncentral-t root search can fail for very few seeds at small alpha
+        logger.warning("minimum detectable effect not computable for n=%d, alpha=%.4g: %s", n, alpha, err)
+        return math.nan
+
+
 def _holm_column(values: pd.Series) -> pd.Series:
     """Holm over the finite p-values of a family; untestable rows stay NaN."""
     out = pd.Series(math.nan, index=values.index)
@@ -195,9 +206,7 @@ def compare_families(matrix: pd.DataFrame, objectives: list[str], margin: float,
         block["p_tost_holm"] = _holm_column(block["p_tost"])
         block["family_size"] = len(block)
         # Power at Holm's strictest step alpha/m: the effect a single true difference needs to be found.
-        block["mde"] = [stats.min_detectable_effect(sd, n, alpha / len(block), POWER)
-                        if n >= 2 and np.isfinite(sd) and sd > 0 else math.nan
-                        for sd, n in zip(block["sd_diff"], block["n"])]
+        block["mde"] = [_mde(sd, n, alpha / len(block)) for sd, n in zip(block["sd_diff"], block["n"])]
         rows.append(block)
     if not rows:
         return pd.DataFrame()

@@ -1,0 +1,120 @@
+"""Every figure renders headless (Agg) from a synthetic study folder and draws the study's numbers."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless, as on a cluster node; the figures must not need a display
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic_study import write_synthetic_study  # noqa: E402
+
+from ban_analysis import analysis as A  # noqa: E402
+from ban_analysis import figures as F  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    return A.load_study(write_synthetic_study(tmp_path_factory.mktemp("study"), n_seeds=6, n_test=1000, seed=1))
+
+
+@pytest.fixture(scope="module")
+def tables(study):
+    att = A.attribute(study, n_boot=1000)
+    fix = A.fixes(study)
+    return {"results": study.results, "att": att, "share": A.update_share_by_epoch(study),
+            "terms": A.term_sizes(study), "cos": A.param_cos_by_epoch(study),
+            "bins": A.fix_rate_by_bin(fix)}
+
+
+BUILDERS = {
+    "accuracy_by_objective": lambda t: F.accuracy_by_objective(t["results"]),
+    "paired_slopes": lambda t: F.paired_slopes(t["att"].matrix),
+    "forest_plot": lambda t: F.forest_plot(t["att"].comparisons, t["att"].margin),
+    "update_share_over_training": lambda t: F.update_share_over_training(t["share"]),
+    "confidence_vs_term_sizes": lambda t: F.confidence_vs_term_sizes(t["terms"]),
+    "param_cosine_over_epochs": lambda t: F.param_cosine_over_epochs(t["cos"]),
+    "generations_curve": lambda t: F.generations_curve(t["results"]),
+    "improvement_matrix": lambda t: F.improvement_matrix(t["att"].a12),
+    "fix_rate_by_confidence": lambda t: F.fix_rate_by_confidence(t["bins"]),
+}
+
+
+def _has_data(ax) -> bool:
+    return bool(ax.lines or ax.collections or ax.patches or ax.images)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_figure_renders_headless_with_data(name, tables):
+    fig = BUILDERS[name](tables)
+    assert isinstance(fig, Figure)
+    data_axes = [ax for ax in fig.axes if _has_data(ax)]
+    assert data_axes, f"{name}: no axes with data"
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=40)
+    assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_public_figure_is_covered():
+    public = {n for n, f in vars(F).items() if callable(f) and getattr(f, "__module__", "") == F.__name__
+              and not n.startswith("_")}
+    assert public == set(BUILDERS)
+
+
+@pytest.mark.parametrize("name", ["accuracy_by_objective", "forest_plot", "update_share_over_training",
+                                  "param_cosine_over_epochs", "fix_rate_by_confidence", "improvement_matrix"])
+def test_empty_input_is_a_clear_error(name):
+    empty = {"results": pd.DataFrame(), "share": pd.DataFrame(), "terms": pd.DataFrame(), "cos": pd.DataFrame(),
+             "bins": pd.DataFrame(), "att": A.Attribution(matrix=pd.DataFrame(), accuracy=pd.DataFrame(),
+                                                          comparisons=pd.DataFrame(), fractions=pd.DataFrame(),
+                                                          answer={}, a12=pd.DataFrame(), margin=0.5,
+                                                          threshold=0.5, alpha=0.05)}
+    with pytest.raises(ValueError, match="no data"):
+        BUILDERS[name](empty)
+
+
+def test_paired_slopes_draws_each_seed_and_the_means(study, tables):
+    fig = F.paired_slopes(tables["att"].matrix, ["ban"])
+    ax = fig.axes[0]
+    raw = study.results
+    teacher = raw[raw["objective"] == "teacher"].set_index("seed")["test_acc"] * 100
+    ban = raw[(raw["objective"] == "ban") & (raw["gen"] == 1) & (raw["kind"] == "model")].set_index("seed")["test_acc"] * 100
+    seed_lines = [line for line in ax.lines if line.get_label() != "mean"]
+    assert len(seed_lines) == len(teacher)
+    drawn = sorted(tuple(np.round(line.get_ydata(), 9)) for line in seed_lines)
+    expected = sorted(tuple(np.round([teacher[s], ban[s]], 9)) for s in teacher.index)
+    assert drawn == expected
+    mean_line = next(line for line in ax.lines if line.get_label() == "mean")
+    np.testing.assert_allclose(mean_line.get_ydata(), [teacher.mean(), ban.mean()])
+
+
+def test_forest_plot_points_are_the_mean_differences(tables):
+    comps = tables["att"].comparisons
+    fig = F.forest_plot(comps, 0.5)
+    ax = fig.axes[0]
+    points = [line for line in ax.lines if line.get_marker() == "o" and len(line.get_xdata()) == 1]
+    xs = sorted(float(line.get_xdata()[0]) for line in points)
+    np.testing.assert_allclose(xs, sorted(comps["mean_diff"]))
+    band = [p for p in ax.patches if p.get_label().startswith("equivalence margin")]
+    assert len(band) == 1
+    x0, x1 = band[0].get_x(), band[0].get_x() + band[0].get_width()
+    assert (x0, x1) == pytest.approx((-0.5, 0.5))
+
+
+def test_improvement_matrix_annotations_match_within_seed_wins(study, tables):
+    fig = F.improvement_matrix(tables["att"].a12)
+    matrix = tables["att"].matrix
+    wins = float(np.mean(matrix["ban"] > matrix["teacher"]) + 0.5 * np.mean(matrix["ban"] == matrix["teacher"]))
+    labels = list(tables["att"].a12.index)
+    i, j = labels.index("ban"), labels.index("teacher")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts[i * len(labels) + j] == f"{wins:.2f}"
