@@ -209,7 +209,9 @@ def validate_semantics(cfg: RunConfig) -> None:
         from ban_analysis.hooks import HookRunner
 
         try:
-            HookRunner(cfg.hooks, seed=cfg.seed, train_size=1)
+            # the real training indices are known only once the data is loaded (train.py);
+            # 2**20 stands in so that option checks run without a spurious size warning
+            HookRunner(cfg.hooks, seed=cfg.seed, train_size=2**20)
         except ValueError as err:
             raise ConfigError(f"hooks: {err}") from None
 

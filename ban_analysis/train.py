@@ -382,7 +382,8 @@ def run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen:
     if cfg.hooks:
         from ban_analysis.hooks import HookRunner
 
-        hook_runner = HookRunner(cfg.hooks, seed=cfg.seed, train_size=int(bundle.train.index.max()) + 1)
+        hook_runner = HookRunner(cfg.hooks, seed=cfg.seed, train_size=len(bundle.train.index),
+                                 train_index=bundle.train.index)
 
     teacher = None
     for gen in range(last_gen + 1):
