@@ -48,6 +48,7 @@ import contextlib
 import io
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -179,6 +180,9 @@ def _pick_sized_folder(candidates: list[tuple[int, Path]], image_size: int | Non
 
 
 def _find_in_root(name: str, root: Path, image_size: int | None, looked: list[str]) -> Path | None:
+    if not root.is_dir():
+        looked.append(f"{root} (no such folder)")
+        return None
     npz = root / f"{name}.npz"
     looked.append(str(npz))
     if npz.is_file():
@@ -336,8 +340,12 @@ def load_dataset(
 
     classes: tuple[str, ...] = ()
     if found is not None and found.suffix == ".npz":
-        with np.load(found) as data:
-            arrays = {k: data[k] for k in data.files if k in ("x", "y", "x_train", "y_train", "x_test", "y_test", "classes")}
+        try:
+            with np.load(found) as data:
+                wanted = ("x", "y", "x_train", "y_train", "x_test", "y_test", "classes")
+                arrays = {k: data[k] for k in data.files if k in wanted}
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{found}: cannot read it as an npz file ({type(err).__name__}: {err})") from err
         if "classes" in arrays:
             classes = tuple(str(c) for c in arrays.pop("classes"))
         source = str(found)

@@ -164,6 +164,14 @@ def test_missing_folder_dataset_lists_every_place(tmp_path, monkeypatch):
         load_dataset("imagewoof", cache_dir=tmp_path / "cache")
 
 
+def test_missing_root_and_corrupt_npz(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="no such folder"):
+        load_dataset("imagewang", root=tmp_path / "nowhere", cache_dir=tmp_path / "cache")
+    (tmp_path / "digits.npz").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="cannot read it as an npz file"):
+        load_dataset("digits", root=tmp_path, val_size=0, cache_dir=tmp_path / "cache")
+
+
 def test_torchvision_fallback_failure_is_reported(tmp_path, monkeypatch):
     import torchvision
 
