@@ -196,11 +196,12 @@ class HeadSplit(Hook):
     options = {"include_bias": True}
 
     def capture_modules(self, model):
-        self.state["head"] = _head_name(model)
+        if self.state.get("_model") != id(model):  # the module walk is cached per model
+            self.state["head"], self.state["_model"] = _head_name(model), id(model)
         return [self.state["head"]], False
 
     def __call__(self, ctx):
-        head = self.state.get("head") or _head_name(ctx.model)
+        head = self.capture_modules(ctx.model)[0][0]
         if head not in ctx.captured:
             raise ValueError("head_split needs the student forward wrapped in runner.capture(model, step)")
         features = ctx.captured[head][0]  # (B, D)
@@ -214,13 +215,14 @@ class UpdateShare(Hook):
 
     Columns (0-d): ``target_norm, dark_norm, grad_norm, cos_target_dark, share_target,
     share_dark`` over all trainable parameters, and ``<group>.<column>`` per layer group
-    (first ``group_depth`` components of the module path). G is the objective's gradient
+    (first ``group_depth`` components of the module path, default 2: ``stages.0`` of a CIFAR
+    ResNet, ``body.0`` of the MLP). G is the objective's gradient
     (no weight decay or momentum). Cost: about two backward passes per call.
     """
 
     name = "update_share"
     per_sample = False
-    options = {"group_depth": 1, "batched": False}
+    options = {"group_depth": 2, "batched": False}
 
     def __call__(self, ctx):
         names, grads = _term_grads(ctx, batched=self.opts["batched"])
@@ -450,6 +452,6 @@ class HookRunner:
         for name, r in self.hooks.items():
             out[name] = {"every_n_steps": r.every_n_steps, "samples": r.samples,
                          **({"sample_from": r.sample_from} if r.hook.per_sample else {}),
-                         **r.hook.opts, **{k: v for k, v in r.hook.state.items()}}
+                         **r.hook.opts, **{k: v for k, v in r.hook.state.items() if not k.startswith("_")}}
         return out
 

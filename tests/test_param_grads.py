@@ -205,6 +205,17 @@ def test_capture_clone_survives_inplace_relu_and_keeps_forward():
     assert (out < 0).any()  # the in-place ReLU did not rewrite the captured output
 
 
+def test_uncloned_capture_rewritten_in_place_is_refused():
+    model = make_model("mlp")  # Linear "1" is followed by ReLU(inplace=True)
+    x, target, teacher_logits = batch("mlp")
+    with pg.capture_activations(model, ["1", "3"], clone_outputs=False) as captured:
+        student_logits = model(x)
+    cot, _ = cotangents(student_logits, teacher_logits, target)
+    with pytest.raises(ValueError, match="in place"):
+        pg.contribution_stats(student_logits, model, captured, cot, ROWS)
+    pg.contribution_stats(student_logits, model, captured, cot, ROWS, modules=["3"])  # Tanh: not in place
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn_bn"])
 def test_head_closed_form_equals_param_split_on_head(kind):
     model = make_model(kind)
