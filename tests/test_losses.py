@@ -588,3 +588,14 @@ def test_generator_of_wrong_type(name):
     student, teacher, target = make_batch()
     with pytest.raises(ValueError, match="generator must be a torch.Generator or None, got int"):
         get_objective(name)(student, teacher, target, generator=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_finite_logits_whose_sum_overflows_are_accepted(name):
+    """Validation sums the logits as a fast finiteness test; an overflowing sum of finite
+    values must fall back to the exact check rather than reject the input."""
+    student = torch.tensor([[3e38, 3e38, 0.0], [1.0, 2.0, 3.0]])
+    teacher = torch.tensor([[3e38, 3e38, 0.0], [0.0, 0.0, 1.0]])
+    assert not math.isfinite(student.sum().item())
+    out = call(name, {}, student, teacher, torch.tensor([0, 2]))
+    assert torch.isfinite(out.loss) and torch.isfinite(out.logit_grad).all()

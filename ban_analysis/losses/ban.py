@@ -36,5 +36,5 @@ class BornAgain(Objective):
         T = self.temperature
         target_dist = torch.softmax(teacher_logits if T == 1.0 else teacher_logits / T, dim=1)  # (B, C)
         weight = student_logits.new_full((B,), 1.0 / B)  # (B,)
-        loss, grad = soft_target_cross_entropy(student_logits, target_dist, weight, T)
+        loss, grad = soft_target_cross_entropy(student_logits, target_dist, 1.0 / B, T)
         return ObjectiveOutput(loss, grad, target_dist, weight)

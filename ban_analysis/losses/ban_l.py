@@ -18,7 +18,6 @@ at T = 1, ``logit_grad = (label_weight + teacher_weight)(q - target_dist) / B``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Objective, ObjectiveOutput, check_number, register_objective
@@ -58,6 +57,6 @@ class BornAgainWithLabels(Objective):
         label_pull, soft_pull = self.label_weight, self.teacher_weight / T
         target_dist = p * (soft_pull / (label_pull + soft_pull))  # (B, C)
         if label_pull != 0.0:
-            target_dist = target_dist + F.one_hot(target, C).to(p.dtype) * (label_pull / (label_pull + soft_pull))
+            target_dist.scatter_add_(1, target.unsqueeze(1), p.new_full((B, 1), label_pull / (label_pull + soft_pull)))
         weight = student_logits.new_full((B,), 1.0 / B)  # (B,)
         return ObjectiveOutput(loss, grad, target_dist, weight)

@@ -118,20 +118,16 @@ def validate_inputs(
     else:
         teacher_logits = None
 
-    # One device sync for all value checks instead of one per check (matters on GPU).
-    flags = [
-        ~torch.isfinite(student_logits).all(),
-        ((target < 0) | (target >= C)).any(),
-    ]
-    if teacher_logits is not None:
-        flags.append(~torch.isfinite(teacher_logits).all())
-    bad = torch.stack(flags).tolist()
-    if bad[0]:
+    # Cheap value checks first: a sum is NaN/inf whenever any entry is, so one reduction per
+    # tensor replaces isfinite + all; only when a sum is not finite (a bad entry, or an overflow
+    # of the sum itself) do we run the exact check. Scalars are read with .item(): no kernel.
+    if not math.isfinite(student_logits.sum().item()) and not bool(torch.isfinite(student_logits).all()):
         raise ValueError("student_logits contains NaN or inf; logits must be finite")
-    if bad[1]:
-        lo, hi = int(target.min()), int(target.max())
+    lo, hi = (int(v) for v in torch.aminmax(target))
+    if lo < 0 or hi >= C:
         raise ValueError(f"target values must lie in [0, {C - 1}] for C={C} classes, got range [{lo}, {hi}]")
-    if teacher_logits is not None and bad[2]:
+    if (teacher_logits is not None and not math.isfinite(teacher_logits.sum().item())
+            and not bool(torch.isfinite(teacher_logits).all())):
         raise ValueError("teacher_logits contains NaN or inf; logits must be finite")
 
     if student_logits.dtype in _UPCAST:

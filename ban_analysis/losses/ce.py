@@ -10,7 +10,6 @@ are ignored (``needs_teacher = False``).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Objective, ObjectiveOutput, register_objective
@@ -29,7 +28,8 @@ class CrossEntropy(Objective):
     def compute(self, student_logits: Tensor, teacher_logits: Tensor | None, target: Tensor,
                 generator: torch.Generator | None) -> ObjectiveOutput:
         B, C = student_logits.shape
-        target_dist = F.one_hot(target, C).to(student_logits.dtype)  # (B, C)
+        # zeros + scatter_ rather than F.one_hot, which re-checks the range (a second sync).
+        target_dist = student_logits.new_zeros(B, C).scatter_(1, target.unsqueeze(1), 1.0)  # (B, C)
         weight = student_logits.new_full((B,), 1.0 / B)  # (B,)
-        loss, grad = soft_target_cross_entropy(student_logits, target_dist, weight)
+        loss, grad = soft_target_cross_entropy(student_logits, target_dist, 1.0 / B)
         return ObjectiveOutput(loss, grad, target_dist, weight)

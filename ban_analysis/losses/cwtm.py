@@ -15,7 +15,6 @@ the learning rate, so we drop it to keep the loss on the same scale as every oth
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Objective, ObjectiveOutput, register_objective
@@ -50,8 +49,8 @@ class ConfidenceWeightedByTeacherMax(Objective):
 
     def compute(self, student_logits: Tensor, teacher_logits: Tensor | None, target: Tensor,
                 generator: torch.Generator | None) -> ObjectiveOutput:
-        C = student_logits.shape[1]
+        B, C = student_logits.shape
         weight = teacher_max_weights(teacher_logits)  # (B,)
-        target_dist = F.one_hot(target, C).to(student_logits.dtype)  # (B, C)
+        target_dist = student_logits.new_zeros(B, C).scatter_(1, target.unsqueeze(1), 1.0)  # (B, C)
         loss, grad = soft_target_cross_entropy(student_logits, target_dist, weight)
         return ObjectiveOutput(loss, grad, target_dist, weight)

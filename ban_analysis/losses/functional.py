@@ -46,33 +46,40 @@ def _scaled(student_logits: Tensor, temperature: float) -> Tensor:
 
 
 def soft_target_ce_forward(
-    student_logits: Tensor, target_dist: Tensor, weight: Tensor, temperature: float
+    student_logits: Tensor, target_dist: Tensor, weight: Tensor | float, temperature: float
 ) -> tuple[Tensor, Tensor]:
     """Weighted soft-target cross-entropy.
 
     Args:
         student_logits: (B, C).
         target_dist: (B, C) soft target, rows summing to 1.
-        weight: (B,) per-sample weights.
+        weight: (B,) per-sample weights, or one float for equal weights (e.g. 1/B): the
+            common case, which saves a broadcast and a reduction.
         temperature: T > 0 applied to the student logits.
 
     Returns:
         ``(loss, q)``: scalar ``sum_s w_s H(r_s, softmax(z_s / T))`` and q = softmax(z / T) (B, C).
     """
     log_q = torch.log_softmax(_scaled(student_logits, temperature), dim=1)  # (B, C), stable
-    per_sample = (target_dist * log_q).sum(dim=1)  # (B,)  = -H(r_s, q_s)
-    loss = -torch.dot(weight, per_sample)
-    return loss, log_q.exp()
+    if isinstance(weight, Tensor):
+        loss = torch.dot(weight, (target_dist * log_q).sum(dim=1)).neg_()
+    else:
+        loss = (target_dist * log_q).sum().mul_(-weight)
+    return loss, log_q.exp_()
 
 
-def soft_target_ce_backward(q: Tensor, target_dist: Tensor, weight: Tensor, temperature: float) -> Tensor:
+def soft_target_ce_backward(
+    q: Tensor, target_dist: Tensor, weight: Tensor | float, temperature: float
+) -> Tensor:
     """Closed-form gradient of :func:`soft_target_ce_forward` w.r.t. the student logits.
 
     Returns:
-        (B, C) ``w_s (q_s - r_s) / T``.
+        (B, C) ``w_s (q_s - r_s) / T`` (a new tensor; ``q`` is not modified).
     """
     scale = weight if temperature == 1.0 else weight / temperature
-    return (q - target_dist).mul_(scale.unsqueeze(1))
+    if isinstance(scale, Tensor):
+        scale = scale.unsqueeze(1)  # (B, 1)
+    return (q - target_dist).mul_(scale)
 
 
 class SoftTargetCE(torch.autograd.Function):
@@ -94,21 +101,25 @@ class SoftTargetCE(torch.autograd.Function):
 
 
 def soft_target_cross_entropy(
-    student_logits: Tensor, target_dist: Tensor, weight: Tensor, temperature: float = 1.0
+    student_logits: Tensor, target_dist: Tensor, weight: Tensor | float, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """Weighted soft-target cross-entropy with closed-form backward.
 
     Args:
         student_logits: (B, C) float32/float64, may require grad.
         target_dist: (B, C) same dtype; detached (never receives gradient).
-        weight: (B,) same dtype; detached.
+        weight: (B,) same dtype, detached; or a float, the same weight for every sample.
         temperature: T > 0.
 
     Returns:
         ``(loss, logit_grad)``: scalar loss with autograd graph to ``student_logits``, and the
         detached (B, C) closed-form gradient ``d loss / d student_logits``.
     """
-    return SoftTargetCE.apply(student_logits, target_dist.detach(), weight.detach(), float(temperature))
+    if isinstance(weight, Tensor):
+        weight = weight.detach()
+    else:
+        weight = float(weight)
+    return SoftTargetCE.apply(student_logits, target_dist.detach(), weight, float(temperature))
 
 
 # ---------------------------------------------------- 2. label CE + temperature soft-target term
@@ -139,11 +150,11 @@ def label_soft_forward(
         (None when b = 0; the same tensor as q_1 when T = 1).
     """
     B = student_logits.shape[0]
-    per_sample = student_logits.new_zeros(B)  # (B,)
+    total = None  # sum over samples of the weighted terms; None until a term is added
     q1 = qT = None
     if label_coef != 0.0:
         log_q1 = torch.log_softmax(student_logits, dim=1)  # (B, C)
-        per_sample = per_sample - label_coef * log_q1.gather(1, target.unsqueeze(1)).squeeze(1)
+        total = log_q1.gather(1, target.unsqueeze(1)).sum().mul_(-label_coef)
         q1 = log_q1.exp()
     if soft_coef != 0.0:
         if temperature == 1.0 and q1 is not None:
@@ -151,11 +162,11 @@ def label_soft_forward(
         else:
             log_qT = torch.log_softmax(_scaled(student_logits, temperature), dim=1)  # (B, C)
             qT = log_qT.exp()
-        soft = -(soft_target * log_qT).sum(dim=1)  # (B,)
+        soft = (soft_target * log_qT).sum().neg_()  # sum_s H(r_s, q_T,s)
         if soft_offset is not None:
-            soft = soft - soft_offset
-        per_sample = per_sample + soft_coef * soft
-    return per_sample.mean(), q1, qT
+            soft = soft - soft_offset.sum()
+        total = soft.mul_(soft_coef) if total is None else total.add_(soft, alpha=soft_coef)
+    return total.div_(B), q1, qT
 
 
 def label_soft_backward(
@@ -172,16 +183,17 @@ def label_soft_backward(
     Returns:
         (B, C) ``(1/B) [a (q_1 - onehot(y)) + (b / T)(q_T - r)]``.
     """
-    ref = q1 if q1 is not None else qT
-    B = ref.shape[0]
-    grad = torch.zeros_like(ref)  # (B, C)
+    B = (q1 if q1 is not None else qT).shape[0]
     if soft_coef != 0.0:
-        grad.add_(qT - soft_target, alpha=soft_coef / temperature)
+        grad = (qT - soft_target).mul_(soft_coef / (temperature * B))  # (B, C)
+        if label_coef != 0.0:
+            grad.add_(q1, alpha=label_coef / B)
+    else:
+        grad = q1.mul(label_coef / B)  # (B, C)
     if label_coef != 0.0:
-        grad.add_(q1, alpha=label_coef)
-        # Subtract a at each label coordinate: the one-hot part of the label gradient.
-        grad.scatter_add_(1, target.unsqueeze(1), grad.new_full((B, 1), -label_coef))
-    return grad.div_(B)
+        # Subtract a / B at each label coordinate: the one-hot part of the label gradient.
+        grad.scatter_add_(1, target.unsqueeze(1), grad.new_full((B, 1), -label_coef / B))
+    return grad
 
 
 class LabelAndSoftTargetLoss(torch.autograd.Function):
@@ -227,6 +239,8 @@ def label_and_soft_target_loss(
     Returns:
         ``(loss, logit_grad)`` as in :func:`soft_target_cross_entropy`.
     """
+    if label_coef == 0.0 and soft_coef == 0.0:
+        raise ValueError("label_coef and soft_coef cannot both be 0; at least one term is needed")
     if soft_offset is not None:
         soft_offset = soft_offset.detach()
     return LabelAndSoftTargetLoss.apply(

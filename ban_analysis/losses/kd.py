@@ -17,7 +17,6 @@ and ``logit_grad = (q - target_dist) / B`` exactly.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Objective, ObjectiveOutput, check_number, register_objective
@@ -55,6 +54,6 @@ class KnowledgeDistillation(Objective):
         label_pull, soft_pull = 1.0 - alpha, alpha * T
         target_dist = p * (soft_pull / (label_pull + soft_pull))  # (B, C)
         if label_pull != 0.0:
-            target_dist = target_dist + F.one_hot(target, C).to(p.dtype) * (label_pull / (label_pull + soft_pull))
+            target_dist.scatter_add_(1, target.unsqueeze(1), p.new_full((B, 1), label_pull / (label_pull + soft_pull)))
         weight = student_logits.new_full((B,), 1.0 / B)  # (B,)
         return ObjectiveOutput(loss, grad, target_dist, weight)

@@ -47,5 +47,5 @@ class TeacherMatchedLabelSmoothing(Objective):
         B = student_logits.shape[0]
         target_dist = teacher_matched_smoothing(teacher_logits, target)  # (B, C)
         weight = student_logits.new_full((B,), 1.0 / B)  # (B,)
-        loss, grad = soft_target_cross_entropy(student_logits, target_dist, weight)
+        loss, grad = soft_target_cross_entropy(student_logits, target_dist, 1.0 / B)
         return ObjectiveOutput(loss, grad, target_dist, weight)
