@@ -193,11 +193,10 @@ def _find_in_root(name: str, root: Path, image_size: int | None, looked: list[st
         return plain
     looked.append(f"{root}/{name}-<size>/")
     sized = []
-    if root.is_dir():
-        for p in root.glob(f"{name}-*"):
-            size = size_from_folder_name(p)
-            if size is not None and p.name == f"{name}-{size}" and is_image_folder(p):
-                sized.append((size, p))
+    for p in root.glob(f"{name}-*"):
+        size = size_from_folder_name(p)
+        if size is not None and p.name == f"{name}-{size}" and is_image_folder(p):
+            sized.append((size, p))
     return _pick_sized_folder(sized, image_size) if sized else None
 
 
@@ -326,8 +325,8 @@ def load_dataset(
     if image_size is not None:
         check_int(image_size, "image_size", 1)
         if spec.kind != "folder":
-            raise ValueError(f"image_size applies only to image folders ({', '.join(n for n, s in DATASETS.items() if s.kind == 'folder')}); "
-                             f"{name} has a fixed size, use image_size=None")
+            folders = ", ".join(n for n, s in DATASETS.items() if s.kind == "folder")
+            raise ValueError(f"image_size applies only to image folders ({folders}); {name} has a fixed size, use image_size=None")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
     looked: list[str] = []
@@ -420,20 +419,20 @@ def _build_bundle(name, spec, arrays, classes, source, val_size, val_seed, train
         rest = rest[stratified_pick(y_train[rest], train_subset, rng)]
 
     def split(x: np.ndarray, y: np.ndarray, pos: np.ndarray) -> Split:
-        return Split(
-            torch.from_numpy(np.ascontiguousarray(x[pos])).to(device),
-            torch.from_numpy(y[pos]).to(device),
-            torch.from_numpy(pos).to(device),
-        )
+        """Samples ``pos`` of (x, y) on ``device``; ``x`` is already (len(pos), C, H, W)."""
+        return Split(torch.from_numpy(x).to(device), torch.from_numpy(y[pos]).to(device), torch.from_numpy(pos).to(device))
 
-    train = split(x_train, y_train, rest)
-    mean, std = channel_stats(x_train[rest])
+    x_rest = np.ascontiguousarray(x_train[rest])  # (N, C, H, W), also the input of the statistics
+    mean, std = channel_stats(x_rest)
+    train = split(x_rest, y_train, rest)
+    val = split(np.ascontiguousarray(x_train[val_pos]), y_train, val_pos)
+    test = split(x_test, y_test, np.arange(len(y_test), dtype=np.int64))
     logger.info("%s from %s: train %d, val %d, test %d, shape %s", name, source, len(rest), len(val_pos), len(y_test), x_train.shape[1:])
     return DatasetBundle(
         name=name,
         train=train,
-        val=split(x_train, y_train, val_pos),
-        test=split(x_test, y_test, np.arange(len(y_test), dtype=np.int64)),
+        val=val,
+        test=test,
         num_classes=num_classes,
         input_shape=tuple(int(s) for s in x_train.shape[1:]),
         mean=mean,
