@@ -334,7 +334,8 @@ def write_report(study_dir: str | Path, command: str | None = None, *, seed: int
     if len(power):
         doc.p("Uncertainty: n = " + f"{len(study.seeds)} seeds; with the observed spread the study could detect "
               "(80% power, Holm level) differences of at least " + ", ".join(
-                  f"{c} {_num(m)} points" for c, m in zip(power["comparison"], power["mde"])) + ".")
+                  f"{c} {_num(m)} points" if np.isfinite(m) else f"{c} (not computable)"
+                  for c, m in zip(power["comparison"], power["mde"])) + ".")
     if att.notes:
         doc.h(2, "Notes on this study")
         doc.items(att.notes)

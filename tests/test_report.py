@@ -183,6 +183,8 @@ def test_verdict_rules_on_hand_made_rows():
     assert A.verdict({**base, "p_holm": 0.2, "p_tost_holm": 0.01})[0] == "equivalent"
     kind, text = A.verdict({**base, "p_holm": 0.2})
     assert kind == "inconclusive" and text.endswith("the study could detect ≥ 0.25 points")
+    kind, text = A.verdict({**base, "p_holm": 0.2, "mde": float("nan")})
+    assert kind == "inconclusive" and text.endswith("the detectable effect could not be computed")
     assert A.verdict({**base, "n": 1, "p_holm": float("nan")})[0] == "untestable"
     frac = {"probe": "cwtm", "estimate": 0.9, "ci_low": 0.6, "ci_high": 1.2}
     assert A.fraction_verdict(frac, "improves", 0.5)[0] == "most"

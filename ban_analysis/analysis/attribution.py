@@ -45,9 +45,11 @@ VERDICT_RULES = (
      "{a} is worse than {b} by {absdiff} points (95% CI [{lo}, {hi}])"),
     ("equivalent", "Holm-adjusted TOST p < alpha (margin fixed in study.json before the runs)",
      "{a} and {b} are equivalent within ±{margin} points (difference {diff}, 95% CI [{lo}, {hi}])"),
-    ("inconclusive", "otherwise",
+    ("inconclusive", "otherwise (if the MDE cannot be computed the last clause reads 'the detectable effect "
+     "could not be computed')",
      "inconclusive: difference {diff} points (95% CI [{lo}, {hi}]); the study could detect ≥ {mde} points"),
 )
+NO_MDE = "the detectable effect could not be computed"
 # Appended to "improves"/"worse" when the assumption-free test does not agree.
 PERMUTATION_CAVEAT = " (not confirmed by the sign-flip permutation test, Holm p = {p})"
 
@@ -108,7 +110,10 @@ def verdict(row: dict, alpha: float = ALPHA) -> tuple[str, str]:
         return kind, text
     if np.isfinite(row["p_tost_holm"]) and row["p_tost_holm"] < alpha:
         return "equivalent", words["equivalent"].format(**fill)
-    return "inconclusive", words["inconclusive"].format(**fill)
+    text = words["inconclusive"].format(**fill)
+    if not np.isfinite(row["mde"]):  # power could not be computed (too few seeds): say so, quote no number
+        text = text.replace(f"the study could detect ≥ {fill['mde']} points", NO_MDE)
+    return "inconclusive", text
 
 
 def fraction_verdict(row: dict, ban_kind: str, threshold: float) -> tuple[str, str]:
