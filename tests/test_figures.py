@@ -24,7 +24,8 @@ from ban_analysis import figures as F  # noqa: E402
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    return A.load_study(write_synthetic_study(tmp_path_factory.mktemp("study"), n_seeds=6, n_test=1000, seed=1))
+    return A.load_study(write_synthetic_study(tmp_path_factory.mktemp("study"), n_seeds=6, n_test=1000,
+                                                    epochs=2, steps_per_epoch=3, seed=1))
 
 
 @pytest.fixture(scope="module")

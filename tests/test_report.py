@@ -33,7 +33,8 @@ def _strict_json(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    root = write_synthetic_study(tmp_path_factory.mktemp("planted"), effects=PLANTED_EFFECTS, seed=3)
+    root = write_synthetic_study(tmp_path_factory.mktemp("planted"), effects=PLANTED_EFFECTS, seed=3, n_test=1000,
+                                 epochs=2, steps_per_epoch=3)
     out = write_report(root, command=COMMAND)
     return root, out, _strict_json(out / "stats.json")
 
