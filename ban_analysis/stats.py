@@ -485,8 +485,14 @@ def paired_t_power(effect: float, sd_diff: float, n: int, alpha: float = 0.05) -
         raise ValueError(f"sd_diff must be finite > 0 and effect finite, got {sd_diff!r}, {effect!r}")
     df = n - 1
     crit = scipy.stats.t.ppf(1 - alpha / 2, df)
-    nc = effect / sd_diff * math.sqrt(n)
-    return float(scipy.stats.nct.sf(crit, df, nc) + scipy.stats.nct.cdf(-crit, df, nc))
+    nc = abs(effect) / sd_diff * math.sqrt(n)  # power is symmetric in the sign of the effect
+    upper = scipy.stats.nct.sf(crit, df, nc)
+    # scipy's nct.cdf returns NaN far in the tail (large nc, few df: n=4, alpha=0.0125 hit it);
+    # that tail is then below 1e-12, so it counts as 0
+    lower = scipy.stats.nct.cdf(-crit, df, nc)
+    lower = float(lower) if np.isfinite(lower) else 0.0
+    upper = float(upper) if np.isfinite(upper) else 1.0
+    return min(1.0, upper + lower)
 
 
 def min_detectable_effect(sd_diff: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:

@@ -363,3 +363,12 @@ GOOD = np.arange(5.0)
 def test_bad_inputs_raise(call):
     with pytest.raises(ValueError):
         call()
+
+
+@pytest.mark.parametrize("n", [3, 4, 5])
+def test_min_detectable_effect_with_few_seeds_and_small_alpha(n):
+    """scipy's nct.cdf gives NaN far in the tail at few seeds and alpha/4; the power must not."""
+    mde = stats.min_detectable_effect(0.002, n, alpha=0.0125)
+    assert np.isfinite(mde) and mde > 0
+    assert stats.paired_t_power(mde, 0.002, n, alpha=0.0125) == pytest.approx(0.8, abs=1e-6)
+    assert stats.paired_t_power(-mde, 0.002, n, alpha=0.0125) == pytest.approx(0.8, abs=1e-6)
