@@ -254,6 +254,17 @@ def test_shuffle_is_a_seeded_permutation():
         assert torch.equal(y, split.y[[position[int(v)] for v in i]])
 
 
+def test_caller_thread_count_is_kept_between_batches():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        seen = [torch.get_num_threads() for _ in iterate_batches(make_split(n=30), 8, generator=g)]
+        assert seen == [2, 2, 2, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_flip_reverses_columns():
     split = make_split(n=200)
     g = torch.Generator().manual_seed(0)
