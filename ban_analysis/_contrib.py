@@ -191,7 +191,7 @@ def _add_linear(a, dt, dd, gw, gb, has_bias):
     return acc_dots
 
 
-def _output_grads(student_logits, model, captured, cotangents, modules):
+def output_grads(student_logits, model, captured, cotangents, modules, terms=("target", "dark")):
     """One backward pass per term to the captured layer outputs only.
 
     Asking for output gradients alone lets autograd skip every weight-gradient product
@@ -213,7 +213,7 @@ def _output_grads(student_logits, model, captured, cotangents, modules):
                              "capture with clone_outputs=True")
     outs = [captured[n][1] for n in names]
     grads = {}
-    for term in ("target", "dark"):
+    for term in terms:
         g = torch.autograd.grad(student_logits, outs, retain_graph=True, allow_unused=True,
                                 grad_outputs=cotangents[term].to(student_logits.dtype))
         grads[term] = [torch.zeros_like(t) if x is None else x for t, x in zip(outs, g)]
@@ -256,6 +256,8 @@ def contribution_stats(
     student_logits: Tensor, model: nn.Module, captured: dict[str, tuple[Tensor, Tensor]],
     cotangents: dict[str, Tensor], rows: Tensor | None = None,
     modules: Sequence[str] | None = None, max_elems: int = 1 << 24,
+    deltas: dict[str, dict[str, Tensor]] | None = None,
+    layer_grads: dict[str, tuple[Tensor | None, Tensor | None]] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, object]]:
     """Per-sample contributions of each term to the batch gradient: norms and cosines.
 
@@ -272,13 +274,21 @@ def contribution_stats(
         rows: (n,) batch positions; None = all.
         modules: restrict to these module names (default: every covered module captured).
         max_elems: bound on the elements of one materialised per-sample block (Conv2d).
+        deltas: term -> module name -> output gradient, if already known (then no backward
+            pass is run and ``cotangents`` is unused; the modules are the keys).
+        layer_grads: module name -> (weight, bias) batch gradient G, if already known (e.g.
+            the ``.grad`` after the trainer's backward); else rebuilt from the activations.
 
     Returns:
         (the five per-sample columns (n,), info with ``covered_params``, ``total_params``,
         ``modules`` used). Parameters outside the covered modules are excluded from every
         norm and cosine (G included); ``info`` says how many.
     """
-    names, grads = _output_grads(student_logits, model, captured, cotangents, modules)
+    if deltas is None:
+        names, grads = output_grads(student_logits, model, captured, cotangents, modules)
+    else:
+        names = list(deltas["target"])
+        grads = {t: [deltas[t][n] for n in names] for t in ("target", "dark")}
     mods = dict(model.named_modules())
     B = student_logits.shape[0]
     rows = torch.arange(B, device=student_logits.device) if rows is None else torch.as_tensor(rows).long()
@@ -289,7 +299,10 @@ def contribution_stats(
         wd = _work_dtype(grads["target"][i])
         inp, d_t, d_d = inp.to(wd), grads["target"][i].to(wd), grads["dark"][i].to(wd)
         xhat = None if isinstance(m, (nn.Linear, nn.Conv2d)) else _normalised(m, inp)
-        gw, gb = _layer_batch_grad(m, inp, d_t + d_d, xhat)
+        if layer_grads is None:
+            gw, gb = _layer_batch_grad(m, inp, d_t + d_d, xhat)
+        else:
+            gw, gb = (None if g is None else g.to(wd) for g in layer_grads[n])
         acc.add_batch_norm2(sum(_sq(g) for g in (gw, gb) if g is not None))
         dt, dd = d_t[rows], d_d[rows]
         if isinstance(m, nn.Linear):
@@ -351,7 +364,7 @@ def contribution_pieces(
         term -> parameter name -> (B, *param.shape); summed over B they give the term's
         batch gradient of that parameter.
     """
-    names, grads = _output_grads(student_logits, model, captured, cotangents, modules)
+    names, grads = output_grads(student_logits, model, captured, cotangents, modules)
     mods = dict(model.named_modules())
     out: dict[str, dict[str, Tensor]] = {}
     for term, gl in grads.items():
@@ -376,3 +389,60 @@ def contribution_pieces(
                 if isinstance(p, Tensor) and p.requires_grad:
                     out[term][f"{n}.{attr}" if n else attr] = piece.reshape(b, *p.shape)
     return out
+
+
+class FusedContribution:
+    """Contribution statistics that reuse the trainer's own backward pass.
+
+    At construction (after the forward, before the trainer's backward): one output-only
+    backward pass for the target term, and tensor hooks on the captured outputs that record
+    the total output gradients when the trainer runs ``out.loss.backward()`` (they return
+    None, so the gradients pass on unchanged). :meth:`finish` (after that backward) gets the
+    dark term by linearity, dark = B * total - target, and G from the layers' ``.grad``:
+    one extra backward pass in all instead of two plus the rebuilt weight gradients.
+
+    Args: as :func:`contribution_stats`; the cotangents are B times the objective's parts,
+        whose sum B * out.logit_grad is what the trainer backpropagates (times B).
+    """
+
+    def __init__(self, student_logits: Tensor, model: nn.Module, captured: dict,
+                 cotangents: dict[str, Tensor], rows: Tensor | None = None) -> None:
+        self.args = (student_logits, model, captured, rows)
+        self.names, grads = output_grads(student_logits, model, captured, cotangents, None, ("target",))
+        self.target = dict(zip(self.names, grads["target"]))
+        self.total: dict[str, Tensor] = {}
+
+        def catch(name):
+            def hook(grad):
+                self.total[name] = grad
+            return hook
+
+        self.handles = [captured[n][1].register_hook(catch(n)) for n in self.names]
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def finish(self) -> tuple[dict[str, Tensor], dict[str, object]]:
+        """The five columns and coverage info, once the trainer's backward has run."""
+        self.cancel()
+        student_logits, model, captured, rows = self.args
+        missing = [n for n in self.names if n not in self.total]
+        if len(missing) == len(self.names):
+            raise ValueError("no gradient reached the captured layers: call after_backward after "
+                             "out.loss.backward()")
+        mods = dict(model.named_modules())
+        B = student_logits.shape[0]
+        dark = {n: (self.total[n] * B).to(t.dtype) - t if n in self.total else -t
+                for n, t in self.target.items()}
+
+        def grad_of(p):
+            if not isinstance(p, Tensor) or not p.requires_grad:
+                return None
+            return torch.zeros_like(p) if p.grad is None else p.grad
+
+        layer_grads = {n: (grad_of(getattr(mods[n], "weight", None)), grad_of(getattr(mods[n], "bias", None)))
+                       for n in self.names}
+        return contribution_stats(student_logits, model, captured, {}, rows,
+                                  deltas={"target": self.target, "dark": dark}, layer_grads=layer_grads)

@@ -89,6 +89,16 @@ class Hook:
     def __init__(self, **options: Any) -> None:
         self.opts = {**self.options, **options}
         self.state: dict[str, Any] = {}  # what info() reports, filled while running
+        # Set by HookRunner(fuse_backward=True) on hooks that can reuse the trainer's backward:
+        # __call__ then prepares and returns None, and after_backward(ctx) returns the columns.
+        self.fused = False
+
+    def can_fuse(self) -> bool:
+        """Whether this hook has a cheaper path that reads the trainer's backward."""
+        return False
+
+    def after_backward(self, ctx: StepContext) -> dict[str, Tensor]:
+        raise NotImplementedError
 
     def capture_modules(self, model: nn.Module) -> tuple[list[str], bool]:
         """Modules whose (input, output) this hook needs, and whether outputs are differentiated."""
@@ -225,7 +235,22 @@ class UpdateShare(Hook):
     options = {"group_depth": 2, "batched": False}
 
     def __call__(self, ctx):
+        if self.fused:  # G_target now; G_dark = G - G_target once the trainer's backward ran
+            names, params = _trainable(ctx.model)
+            cot = _cotangents(ctx, scale=False)
+            ctx.cache["g_target"] = pg.term_batch_grads(ctx.student_logits, params, {"target": cot["target"]})
+            return None
         names, grads = _term_grads(ctx, batched=self.opts["batched"])
+        return pg.update_share_stats(grads, pg.layer_groups(names, self.opts["group_depth"]))
+
+    def can_fuse(self):
+        return True
+
+    def after_backward(self, ctx):
+        names, params = _trainable(ctx.model)
+        g_target = ctx.cache.pop("g_target")["target"]
+        grads = {"target": g_target,
+                 "dark": [_grad_of(p) - t for p, t in zip(params, g_target)]}
         return pg.update_share_stats(grads, pg.layer_groups(names, self.opts["group_depth"]))
 
 
@@ -263,6 +288,10 @@ class ParamSplit(Hook):
             if not ctx.captured:
                 raise ValueError("param_split mode 'contribution' needs the forward wrapped in "
                                  "runner.capture(model, step)")
+            if self.fused:
+                ctx.cache["fused_param_split"] = pg.FusedContribution(
+                    ctx.student_logits, ctx.model, ctx.captured, cot, ctx.rows)
+                return None
             cols, info = pg.contribution_stats(ctx.student_logits, ctx.model, ctx.captured, cot, ctx.rows)
             self.state.update(info)
             return cols
@@ -278,6 +307,20 @@ class ParamSplit(Hook):
         self.state["eval_mode"] = eval_mode
         return pg.vmap_stats(ctx.model, ctx.inputs, cot, dict(zip(names, batch)), ctx.rows,
                              chunk_size=self.opts["chunk_size"], eval_mode=self.opts["eval_mode"])
+
+
+    def can_fuse(self):
+        return self.opts["mode"] == "contribution"
+
+    def after_backward(self, ctx):
+        cols, info = ctx.cache.pop("fused_param_split").finish()
+        self.state.update(info)
+        return cols
+
+
+def _grad_of(p: Tensor) -> Tensor:
+    """The trainer's gradient of a parameter (read only); zeros where it got none."""
+    return torch.zeros_like(p) if p.grad is None else p.grad
 
 
 def _seed_of(*parts: Any) -> int:
@@ -368,10 +411,16 @@ class HookRunner:
         train_size: number of training indices (subsets are drawn from range(train_size)).
         train_index: optional (N,) int64 indices of the training split; subsets are drawn
             from these (so a held-out validation index is never chosen).
+        fuse_backward: the trainer promises to call :meth:`after_backward` after
+            ``out.loss.backward()`` (``.grad`` zeroed before it) and before
+            ``optimizer.step()``. ``update_share`` and ``param_split`` (contribution) then
+            reuse the trainer's backward: one extra pass instead of two, and their columns
+            come from ``after_backward`` instead of ``run``.
     """
 
     def __init__(self, hook_cfgs: Mapping[str, Any] | list[str] | None, seed: int,
-                 train_size: int, train_index: Tensor | None = None) -> None:
+                 train_size: int, train_index: Tensor | None = None,
+                 fuse_backward: bool = False) -> None:
         if isinstance(hook_cfgs, (list, tuple)):
             hook_cfgs = {name: {} for name in hook_cfgs}
         hook_cfgs = dict(hook_cfgs or {})
@@ -387,6 +436,10 @@ class HookRunner:
         if unknown:
             raise ValueError(f"unknown hook(s) {unknown}; valid hooks: {', '.join(HOOKS)}")
         self._capture: tuple[int, _Capture] | None = None
+        self.fuse_backward = bool(fuse_backward)
+        for r in self.hooks.values():
+            r.hook.fused = self.fuse_backward and r.hook.can_fuse()
+        self._pending: list[tuple[str, StepContext]] = []
 
     def due(self, step: int) -> list[str]:
         """Names of the hooks that run at this step (step % every_n_steps == 0)."""
@@ -414,7 +467,9 @@ class HookRunner:
             return None
         device = ctx.sample_index.device
         if r.sample_from == "train":
-            mask = torch.isin(ctx.sample_index, r.subset.to(device))
+            if r.subset.device != device:  # moved once per device, not every step
+                self.hooks[name] = r = dataclasses.replace(r, subset=r.subset.to(device))
+            mask = torch.isin(ctx.sample_index, r.subset)
             return mask.nonzero().squeeze(1)
         batch = ctx.sample_index.shape[0]
         if r.samples >= batch:
@@ -424,6 +479,10 @@ class HookRunner:
 
     def run(self, ctx: StepContext) -> dict[str, dict[str, Tensor]]:
         """Run the hooks due at ``ctx.step``; returns hook name -> column -> tensor."""
+        if self._pending:
+            logger.warning("HookRunner.after_backward was not called after step %d; dropping %s",
+                           self._pending[0][1].step, [n for n, _ in self._pending])
+            self._drop_pending()
         due = self.due(ctx.step)
         if not due:
             return {}
@@ -438,19 +497,47 @@ class HookRunner:
                 rows = self._rows(name, r, ctx)
                 if rows is not None and rows.numel() == 0:
                     continue
-                cols = r.hook(dataclasses.replace(ctx, captured=captured, rows=rows, cache=cache))
-                if r.hook.per_sample:
-                    cols = {"sample_index": _sel(ctx.sample_index, rows), **cols}
-                results[name] = {k: v.detach() for k, v in cols.items()}
+                hctx = dataclasses.replace(ctx, captured=captured, rows=rows, cache=cache)
+                cols = r.hook(hctx)
+                if cols is None:  # fused: finished by after_backward
+                    self._pending.append((name, hctx))
+                    continue
+                results[name] = self._finish(r, hctx, cols)
         finally:
             self._capture = None  # free the activations
         return results
+
+    def after_backward(self) -> dict[str, dict[str, Tensor]]:
+        """Columns of the fused hooks of this step (only with ``fuse_backward=True``).
+
+        Reads ``.grad`` and the layer-output gradients the trainer's backward produced; changes
+        nothing. Returns ``{}`` when no fused hook was due.
+        """
+        results = {}
+        try:
+            for name, hctx in self._pending:
+                r = self.hooks[name]
+                results[name] = self._finish(r, hctx, r.hook.after_backward(hctx))
+        finally:
+            self._drop_pending()
+        return results
+
+    def _finish(self, r: _Resolved, ctx: StepContext, cols: dict[str, Tensor]) -> dict[str, Tensor]:
+        if r.hook.per_sample:
+            cols = {"sample_index": _sel(ctx.sample_index, ctx.rows), **cols}
+        return {k: v.detach() for k, v in cols.items()}
+
+    def _drop_pending(self) -> None:
+        for _, hctx in self._pending:
+            if "fused_param_split" in hctx.cache:
+                hctx.cache.pop("fused_param_split").cancel()
+        self._pending = []
 
     def info(self) -> dict[str, Any]:
         """JSON-ready description of the hooks for the manifest (config and what ran)."""
         out = {}
         for name, r in self.hooks.items():
-            out[name] = {"every_n_steps": r.every_n_steps, "samples": r.samples,
+            out[name] = {"every_n_steps": r.every_n_steps, "samples": r.samples, "fused": r.hook.fused,
                          **({"sample_from": r.sample_from} if r.hook.per_sample else {}),
                          **r.hook.opts, **{k: v for k, v in r.hook.state.items() if not k.startswith("_")}}
         return out

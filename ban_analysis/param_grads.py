@@ -34,11 +34,13 @@ from torch import Tensor, nn
 
 from ban_analysis._contrib import (
     DotAccumulator,
+    FusedContribution,
     capture_activations,
     contribution_pieces,
     contribution_stats,
     coverage,
     covered_modules,
+    output_grads,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TERMS",
     "DotAccumulator",
+    "FusedContribution",
     "term_batch_grads",
     "layer_groups",
     "update_share_stats",
@@ -57,6 +60,7 @@ __all__ = [
     "capture_activations",
     "covered_modules",
     "coverage",
+    "output_grads",
     "coupling_modules",
 ]
 

@@ -70,14 +70,17 @@ def step(model, opt, x, target, teacher_logits, runner=None, i=0) -> dict[str, f
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     t3 = time.perf_counter()
-    opt.step()
+    if runner is not None and runner.fuse_backward:
+        runner.after_backward()
     t4 = time.perf_counter()
-    return {"fwd": t1 - t0, "hooks": t2 - t1, "bwd": t3 - t2, "total": t4 - t0}
+    opt.step()
+    t5 = time.perf_counter()
+    return {"fwd": t1 - t0, "hooks": t2 - t1 + t4 - t3, "bwd": t3 - t2, "total": t5 - t0}
 
 
-def compare(model, opt, batch, cfg, reps, warmup=3):
-    """Interleaved base / hooked steps (hooks due every rep); medians of each segment."""
-    runner = HookRunner(cfg, seed=0, train_size=B)
+def compare(model, opt, batch, cfg, reps, warmup=3, fuse=False):
+    """Interleaved base / hooked steps (hooks due every rep); minimum of each segment."""
+    runner = HookRunner(cfg, seed=0, train_size=B, fuse_backward=fuse)
     base, hooked = [], []
     for r in range(warmup + reps):
         a = step(model, opt, *batch)
@@ -154,7 +157,7 @@ def per_sample_modes(name, reps):
     return res
 
 
-def default_set_amortised(name, steps, every_update_share, reps):
+def default_set_amortised(name, steps, every_update_share, reps, fuse=False):
     """The study hook set over ``steps`` steps vs the same steps without hooks (seconds).
 
     Two copies of the model train side by side, one step each in turn; the whole sequence is
@@ -164,7 +167,8 @@ def default_set_amortised(name, steps, every_update_share, reps):
            "param_split": {"every_n_steps": 50, "samples": ROWS}}
     best = {"base": [float("inf")] * steps, "hooked": [float("inf")] * steps}
     for _ in range(reps):
-        runs = {"base": (*setup(name), None), "hooked": (*setup(name), HookRunner(cfg, seed=0, train_size=B))}
+        runs = {"base": (*setup(name), None),
+                "hooked": (*setup(name), HookRunner(cfg, seed=0, train_size=B, fuse_backward=fuse))}
         for i in range(-3, steps):  # 3 warm-up steps (i < 0) are not counted
             for label, (model, opt, x, target, teacher_logits, runner) in runs.items():
                 t = step(model, opt, x, target, teacher_logits, runner=runner if i >= 0 else None, i=max(i, 0))
@@ -237,12 +241,16 @@ def main() -> None:
         print("| hook, due every step | hook call, % of step | step difference, % (median-based) "
               "| per call, backward passes |")
         print("|---|---|---|---|")
-        cfgs = {"logit_split": {"logit_split": {}}, "head_split": {"head_split": {}},
-                "update_share": {"update_share": {}}, "update_share batched=true": {"update_share": {"batched": True}},
-                "param_split contribution, 32 rows": {"param_split": {"every_n_steps": 1, "samples": ROWS}}}
+        ps = {"param_split": {"every_n_steps": 1, "samples": ROWS}}
+        cfgs = {"logit_split": ({"logit_split": {}}, False), "head_split": ({"head_split": {}}, False),
+                "update_share": ({"update_share": {}}, False),
+                "update_share batched=true": ({"update_share": {"batched": True}}, False),
+                "update_share fused": ({"update_share": {}}, True),
+                "param_split contribution, 32 rows": (ps, False),
+                "param_split contribution fused": (ps, True)}
         per_call = {}
-        for label, cfg in cfgs.items():
-            b, h, med = compare(model, opt, batch, cfg, reps)
+        for label, (cfg, fuse) in cfgs.items():
+            b, h, med = compare(model, opt, batch, cfg, reps, fuse=fuse)
             diff = max(h["total"] - b["total"], 0.0)
             per_call[label] = max(diff, h["hooks"])
             print(f"| {label} | {100 * h['hooks'] / b['total']:.1f} | {100 * diff / b['total']:.1f} "
@@ -254,16 +262,21 @@ def main() -> None:
         for k, v in modes.items():
             print(f"| {k} | {v:.4f} | {v / bwd:.1f} | {modes['loop (batch-graph VJPs)'] / v:.1f}x "
                   f"| {modes['loop (1-sample forwards)'] / v:.1f}x |")
-        print("\nDefault study set, estimated from the per-call costs above (% of the base step):")
+        print("\nDefault study set (logit_split + head_split every step, param_split every 50 on 32 rows),"
+              " estimated from the per-call costs above, % of the base step:")
         always = per_call["logit_split"] + per_call["head_split"]
         for every in (1, 5, 10, 20, 25, 50):
-            est = (always + per_call["update_share"] / every + per_call["param_split contribution, 32 rows"] / 50)
-            print(f"- update_share every {every}: {100 * est / total:+.1f}%")
+            est = [(always + per_call[f"update_share{f}"] / every
+                    + per_call[f"param_split contribution{g}"] / 50) / total
+                   for f, g in (("", ", 32 rows"), (" fused", " fused"))]
+            print(f"- update_share every {every}: {100 * est[0]:+.1f}% (fused: {100 * est[1]:+.1f}%)")
         n_steps = args.steps // q // (2 if name == "resnet20" else 1)
-        amort, totals = default_set_amortised(name, n_steps, args.update_share_every, 3 if name == "mlp" else 1)
-        print(f"\nMeasured: default study set (logit_split + head_split every step, update_share every "
-              f"{args.update_share_every}, param_split every 50 on 32 rows) over {n_steps} steps: "
-              f"{100 * amort:+.1f}% (hooked {totals['hooked']:.2f} s, base {totals['base']:.2f} s)")
+        for fuse in (False, True):
+            amort, totals = default_set_amortised(name, n_steps, args.update_share_every,
+                                                  3 if name == "mlp" else 1, fuse=fuse)
+            print(f"\nMeasured{' (fused)' if fuse else ''}: default study set with update_share every "
+                  f"{args.update_share_every}, over {n_steps} steps: {100 * amort:+.1f}% "
+                  f"(hooked {totals['hooked']:.2f} s, base {totals['base']:.2f} s)")
     print("\n## Parquet per epoch, Fashion-MNIST (55,000 samples, zstd)")
     for hook, (size, rows, cols) in parquet_size().items():
         print(f"- {hook}: {size / 2**20:.2f} MiB for {rows} rows x {cols} columns ({size / rows:.1f} B/row)")

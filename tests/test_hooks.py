@@ -106,14 +106,15 @@ def test_hooks_leave_model_grads_and_rng_untouched(mode):
     assert runner.info()["param_split"]["mode"] == mode
 
 
-def test_training_with_hooks_is_bit_identical_to_without():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_training_with_hooks_is_bit_identical_to_without(fuse):
     torch.manual_seed(0)
     base = Net().train()
     results = []
     for cfg in (None, ALL_HOOKS):
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-        runner = HookRunner(cfg, seed=0, train_size=60) if cfg else None
+        runner = HookRunner(cfg, seed=0, train_size=60, fuse_backward=fuse) if cfg else None
         torch.manual_seed(7)  # dropout masks come from the global stream, as in the trainer
         logits = []
         for step in range(3):
@@ -122,6 +123,8 @@ def test_training_with_hooks_is_bit_identical_to_without():
                 assert runner.run(ctx)
             opt.zero_grad(set_to_none=True)
             ctx.out.loss.backward()
+            if runner is not None:
+                assert set(runner.after_backward()) == ({"update_share", "param_split"} if fuse else set())
             opt.step()
             logits.append(ctx.student_logits.detach())
         results.append((snapshot(model), torch.stack(logits)))
@@ -184,7 +187,7 @@ def test_schedule_and_capture_only_when_needed():
     out = runner.run(step_context(runner, model, step=3))
     assert set(out) == {"param_split"} and out["param_split"]["sample_index"].shape == (32 if B > 32 else B,)
     assert runner.info()["param_split"] == {
-        "every_n_steps": 3, "samples": 32, "sample_from": "batch", "mode": "contribution", "chunk_size": 16,
+        "every_n_steps": 3, "samples": 32, "fused": False, "sample_from": "batch", "mode": "contribution", "chunk_size": 16,
         "eval_mode": False, "covered_params": sum(p.numel() for p in model.parameters()),
         "total_params": sum(p.numel() for p in model.parameters()), "modules": 4}
 
@@ -264,3 +267,31 @@ def test_defaults_and_name_list():
     assert (info["param_split"]["every_n_steps"], info["param_split"]["samples"],
             info["param_split"]["mode"]) == (50, 32, "contribution")
     assert HookRunner({}, seed=0, train_size=1).hooks == {}
+
+
+def test_fused_backward_matches_separate_passes_and_cleans_up():
+    torch.manual_seed(0)
+    base = Net().train()
+    cfg = {"update_share": {}, "param_split": {"every_n_steps": 1, "samples": 6}}
+    out = {}
+    for fuse in (False, True):
+        model = copy.deepcopy(base)
+        runner = HookRunner(cfg, seed=0, train_size=60, fuse_backward=fuse)
+        torch.manual_seed(5)
+        ctx = step_context(runner, model, 0)
+        rows = runner.run(ctx)
+        assert bool(rows) != fuse
+        ctx.out.loss.backward()
+        out[fuse] = rows or runner.after_backward()
+        assert runner.info()["param_split"]["fused"] == fuse
+    for hook, cols in out[False].items():
+        for k, v in cols.items():
+            torch.testing.assert_close(out[True][hook][k], v, rtol=1e-4, atol=1e-6, msg=f"{hook}.{k}")
+    # A forgotten after_backward is dropped at the next run, with its tensor hooks removed.
+    runner = HookRunner(cfg, seed=0, train_size=60, fuse_backward=True)
+    ctx = step_context(runner, base, 0)
+    runner.run(ctx)
+    fused = dict(runner._pending)["param_split"].cache["fused_param_split"]
+    assert fused.handles
+    runner.run(step_context(runner, base, 1))
+    assert fused.handles == [] and all(h.step == 1 for _, h in runner._pending)
