@@ -7,10 +7,10 @@ rows summing to 1, per-sample weights w (B,). H(r, q) = -sum_c r_c log q_c.
        L = sum_s w_s H(r_s, q_T,s)
        dL/dz_s = w_s (q_T,s - r_s) / T                       (paper eq. 5 at T = 1)
 2. ``label_and_soft_target_loss`` (kd, ban_l):
-       L = (1/B) sum_s [ a H(onehot(y_s), q_1,s) + b (H(r_s, q_T,s) - h_s) ]
+       L = (1/B) sum_s [ a H(onehot(y_s), q_1,s) + b S(r_s, q_T,s) ]
        dL/dz_s = (1/B) [ a (q_1,s - onehot(y_s)) + (b / T)(q_T,s - r_s) ]
-   where h_s is a constant per sample (the teacher entropy for KD, turning the soft term into
-   a KL divergence; 0 for BAN+L).
+   where the soft term S is the cross-entropy H(r, q_T) (BAN+L) or, given log r, the
+   KL divergence KL(r || q_T) = H(r, q_T) - H(r) (KD); the two differ by a constant in z.
 
 Each loss is a pure forward function, a pure backward function, one autograd.Function joining
 them and a functional wrapper. The closed-form gradient is computed inside ``forward`` because
@@ -129,7 +129,7 @@ def label_soft_forward(
     student_logits: Tensor,
     target: Tensor,
     soft_target: Tensor,
-    soft_offset: Tensor | None,
+    soft_log_target: Tensor | None,
     label_coef: float,
     soft_coef: float,
     temperature: float,
@@ -140,9 +140,9 @@ def label_soft_forward(
         student_logits: (B, C).
         target: (B,) int64 labels.
         soft_target: (B, C) soft target r (teacher softmax at T).
-        soft_offset: (B,) constant h_s subtracted from the soft term (teacher entropy -> KL), or None.
+        soft_log_target: (B, C) log r for a KL soft term, or None for a cross-entropy soft term.
         label_coef: a >= 0, weight of H(onehot(y), softmax(z)).
-        soft_coef: b >= 0, weight of H(r, softmax(z / T)) - h.
+        soft_coef: b >= 0, weight of the soft term.
         temperature: T > 0.
 
     Returns:
@@ -162,9 +162,10 @@ def label_soft_forward(
         else:
             log_qT = torch.log_softmax(_scaled(student_logits, temperature), dim=1)  # (B, C)
             qT = log_qT.exp()
-        soft = (soft_target * log_qT).sum().neg_()  # sum_s H(r_s, q_T,s)
-        if soft_offset is not None:
-            soft = soft - soft_offset.sum()
+        if soft_log_target is None:
+            soft = (soft_target * log_qT).sum().neg_()  # sum_s H(r_s, q_T,s)
+        else:
+            soft = (soft_target * (soft_log_target - log_qT)).sum()  # sum_s KL(r_s || q_T,s)
         total = soft.mul_(soft_coef) if total is None else total.add_(soft, alpha=soft_coef)
     return total.div_(B), q1, qT
 
@@ -200,9 +201,9 @@ class LabelAndSoftTargetLoss(torch.autograd.Function):
     """autograd.Function for :func:`label_soft_forward`; returns ``(loss, logit_grad)``."""
 
     @staticmethod
-    def forward(ctx, student_logits, target, soft_target, soft_offset, label_coef, soft_coef, temperature):  # noqa: D102
+    def forward(ctx, student_logits, target, soft_target, soft_log_target, label_coef, soft_coef, temperature):  # noqa: D102
         loss, q1, qT = label_soft_forward(
-            student_logits, target, soft_target, soft_offset, label_coef, soft_coef, temperature
+            student_logits, target, soft_target, soft_log_target, label_coef, soft_coef, temperature
         )
         grad = label_soft_backward(q1, qT, target, soft_target, label_coef, soft_coef, temperature)
         ctx.save_for_backward(grad)
@@ -223,9 +224,11 @@ def label_and_soft_target_loss(
     label_coef: float,
     soft_coef: float,
     temperature: float = 1.0,
-    soft_offset: Tensor | None = None,
+    soft_log_target: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``mean_s [a CE(z_s, y_s) + b (H(r_s, softmax(z_s / T)) - h_s)]`` with closed-form backward.
+    """``mean_s [a CE(z_s, y_s) + b S(r_s, softmax(z_s / T))]`` with closed-form backward.
+
+    S is the cross-entropy H(r, q_T), or KL(r || q_T) when ``soft_log_target`` (log r) is given.
 
     Args:
         student_logits: (B, C) float32/float64, may require grad.
@@ -234,16 +237,16 @@ def label_and_soft_target_loss(
         label_coef: a >= 0.
         soft_coef: b >= 0.
         temperature: T > 0 for the soft term (the label term is always at T = 1).
-        soft_offset: (B,) per-sample constant h_s, or None; detached.
+        soft_log_target: (B, C) log r (KL soft term), or None (cross-entropy); detached.
 
     Returns:
         ``(loss, logit_grad)`` as in :func:`soft_target_cross_entropy`.
     """
     if label_coef == 0.0 and soft_coef == 0.0:
         raise ValueError("label_coef and soft_coef cannot both be 0; at least one term is needed")
-    if soft_offset is not None:
-        soft_offset = soft_offset.detach()
+    if soft_log_target is not None:
+        soft_log_target = soft_log_target.detach()
     return LabelAndSoftTargetLoss.apply(
-        student_logits, target, soft_target.detach(), soft_offset,
+        student_logits, target, soft_target.detach(), soft_log_target,
         float(label_coef), float(soft_coef), float(temperature),
     )

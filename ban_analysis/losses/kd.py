@@ -45,11 +45,10 @@ class KnowledgeDistillation(Objective):
         alpha, T = self.alpha, self.temperature
         log_p = torch.log_softmax(teacher_logits / T, dim=1)  # (B, C)
         p = log_p.exp()  # (B, C)
-        # Teacher entropy; xlogy-free because log_softmax is finite for finite logits.
-        entropy = -(p * log_p).sum(dim=1)  # (B,)
+        # KL as sum p (log p - log q): log_p is finite for finite logits, so p = 0 entries give 0.
         loss, grad = label_and_soft_target_loss(
             student_logits, target, p, label_coef=1.0 - alpha, soft_coef=alpha * T * T,
-            temperature=T, soft_offset=entropy,
+            temperature=T, soft_log_target=log_p,
         )
         label_pull, soft_pull = 1.0 - alpha, alpha * T
         target_dist = p * (soft_pull / (label_pull + soft_pull))  # (B, C)
