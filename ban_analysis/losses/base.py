@@ -121,12 +121,13 @@ def validate_inputs(
     # Cheap value checks first: a sum is NaN/inf whenever any entry is, so one reduction per
     # tensor replaces isfinite + all; only when a sum is not finite (a bad entry, or an overflow
     # of the sum itself) do we run the exact check. Scalars are read with .item(): no kernel.
-    if not math.isfinite(student_logits.sum().item()) and not bool(torch.isfinite(student_logits).all()):
+    # detach(): the check must not add a node to the student's autograd graph.
+    if not math.isfinite(student_logits.detach().sum().item()) and not bool(torch.isfinite(student_logits).all()):
         raise ValueError("student_logits contains NaN or inf; logits must be finite")
     lo, hi = (int(v) for v in torch.aminmax(target))
     if lo < 0 or hi >= C:
         raise ValueError(f"target values must lie in [0, {C - 1}] for C={C} classes, got range [{lo}, {hi}]")
-    if (teacher_logits is not None and not math.isfinite(teacher_logits.sum().item())
+    if (teacher_logits is not None and not math.isfinite(teacher_logits.detach().sum().item())
             and not bool(torch.isfinite(teacher_logits).all())):
         raise ValueError("teacher_logits contains NaN or inf; logits must be finite")
 
