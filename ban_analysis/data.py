@@ -326,7 +326,9 @@ def load_dataset(
         check_int(image_size, "image_size", 1)
         if spec.kind != "folder":
             folders = ", ".join(n for n, s in DATASETS.items() if s.kind == "folder")
-            raise ValueError(f"image_size applies only to image folders ({folders}); {name} has a fixed size, use image_size=None")
+            raise ValueError(
+                f"image_size applies only to image folders ({folders}); {name} has a fixed size, use image_size=None"
+            )
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
     looked: list[str] = []
@@ -350,7 +352,9 @@ def load_dataset(
         source = str(found)
     elif found is not None:
         folder = load_image_folder(found, image_size, cache)
-        arrays = {"x_train": folder.x_train, "y_train": folder.y_train, "x_test": folder.x_test, "y_test": folder.y_test}
+        arrays = {
+            "x_train": folder.x_train, "y_train": folder.y_train, "x_test": folder.x_test, "y_test": folder.y_test
+        }
         classes = folder.class_names
         source = str(found)
     elif spec.torchvision_class is not None:
@@ -366,7 +370,8 @@ def load_dataset(
     if arrays is None:
         raise DatasetNotFoundError(
             f"dataset {name!r} not found; looked at: {'; '.join(looked)}. "
-            f"Put {name}.npz or an image folder {name}/ or {name}-<size>/ in a folder and set BAN_DATA or data.root to it"
+            f"Put {name}.npz or an image folder {name}/ or {name}-<size>/ in a folder "
+            "and set BAN_DATA or data.root to it"
         )
     return _build_bundle(name, spec, arrays, classes, source, val_size, val_seed, train_subset, device)
 
@@ -384,7 +389,8 @@ def _build_bundle(name, spec, arrays, classes, source, val_size, val_seed, train
             # UCI digits store 0..16 ink counts; rescale so uint8 means 0..255 like every dataset.
             x_all = np.round(x_all.astype(np.float64) * (255.0 / 16.0)).astype(np.uint8)
         x_all, y_all = _to_nchw(x_all, source), arrays["y"].astype(np.int64)
-        test_pos = stratified_pick(y_all, round(DIGITS_TEST_FRACTION * len(y_all)), np.random.default_rng(DIGITS_TEST_SEED))
+        n_test = round(DIGITS_TEST_FRACTION * len(y_all))
+        test_pos = stratified_pick(y_all, n_test, np.random.default_rng(DIGITS_TEST_SEED))
         keep = np.ones(len(y_all), dtype=bool)
         keep[test_pos] = False
         x_train, y_train, x_test, y_test = x_all[keep], y_all[keep], x_all[test_pos], y_all[test_pos]
@@ -394,7 +400,9 @@ def _build_bundle(name, spec, arrays, classes, source, val_size, val_seed, train
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{source}: {what} has {x.shape[0]} images but {y.shape[0]} labels")
     if x_train.shape[1:] != x_test.shape[1:]:
-        raise ValueError(f"{source}: train images {x_train.shape[1:]} and test images {x_test.shape[1:]} differ in shape")
+        raise ValueError(
+            f"{source}: train images {x_train.shape[1:]} and test images {x_test.shape[1:]} differ in shape"
+        )
 
     num_classes = spec.num_classes
     if spec.kind == "folder":
@@ -409,25 +417,34 @@ def _build_bundle(name, spec, arrays, classes, source, val_size, val_seed, train
 
     n_train = len(y_train)
     if val_size >= n_train:
-        raise ValueError(f"val_size must be in 0..{n_train - 1} for {name} ({n_train} training samples); got {val_size}")
+        raise ValueError(
+            f"val_size must be in 0..{n_train - 1} for {name} ({n_train} training samples); got {val_size}"
+        )
     rng = np.random.default_rng(val_seed)
     val_pos = stratified_pick(y_train, val_size, rng)
     rest = np.setdiff1d(np.arange(n_train, dtype=np.int64), val_pos, assume_unique=True)
     if train_subset:
         if train_subset > len(rest):
-            raise ValueError(f"train_subset must be in 0..{len(rest)} for {name} with val_size={val_size}; got {train_subset}")
+            raise ValueError(
+                f"train_subset must be in 0..{len(rest)} for {name} with val_size={val_size}; got {train_subset}"
+            )
         rest = rest[stratified_pick(y_train[rest], train_subset, rng)]
 
     def split(x: np.ndarray, y: np.ndarray, pos: np.ndarray) -> Split:
         """Samples ``pos`` of (x, y) on ``device``; ``x`` is already (len(pos), C, H, W)."""
-        return Split(torch.from_numpy(x).to(device), torch.from_numpy(y[pos]).to(device), torch.from_numpy(pos).to(device))
+        return Split(
+            torch.from_numpy(x).to(device), torch.from_numpy(y[pos]).to(device), torch.from_numpy(pos).to(device)
+        )
 
     x_rest = np.ascontiguousarray(x_train[rest])  # (N, C, H, W), also the input of the statistics
     mean, std = channel_stats(x_rest)
     train = split(x_rest, y_train, rest)
     val = split(np.ascontiguousarray(x_train[val_pos]), y_train, val_pos)
     test = split(x_test, y_test, np.arange(len(y_test), dtype=np.int64))
-    logger.info("%s from %s: train %d, val %d, test %d, shape %s", name, source, len(rest), len(val_pos), len(y_test), x_train.shape[1:])
+    logger.info(
+        "%s from %s: train %d, val %d, test %d, shape %s",
+        name, source, len(rest), len(val_pos), len(y_test), x_train.shape[1:],
+    )
     return DatasetBundle(
         name=name,
         train=train,

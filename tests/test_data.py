@@ -203,7 +203,8 @@ def test_torchvision_fallback_converts_to_uint8(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
     b = load_dataset("mnist", root=tmp_path, val_size=10, cache_dir=tmp_path / "cache")
-    assert seen == [(str(tmp_path / "cache" / "torchvision"), True, True), (str(tmp_path / "cache" / "torchvision"), False, True)]
+    tv_root = str(tmp_path / "cache" / "torchvision")
+    assert seen == [(tv_root, True, True), (tv_root, False, True)]
     assert b.input_shape == (1, 4, 4) and len(b.train) == 20 and len(b.test) == 10
     np.testing.assert_array_equal(b.test.x[:, 0].numpy(), FakeMNIST(None, False, True).data.numpy())
 
@@ -309,7 +310,8 @@ def test_crop_padding_is_black_after_normalisation():
     split = make_split(n=100, side=4)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)
     g = torch.Generator().manual_seed(1)
-    (x, _, _), = list(iterate_batches(split, 100, shuffle=False, generator=g, augment="crop_flip", pad=3, mean=mean, std=std))
+    batches = iterate_batches(split, 100, shuffle=False, generator=g, augment="crop_flip", pad=3, mean=mean, std=std)
+    (x, _, _), = list(batches)
     fill = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
     is_fill = torch.isclose(x, fill.expand_as(x), atol=1e-5).all(dim=1)  # (B, H, W); real pixels are never 0
     assert 0 < is_fill.float().mean() < 1
@@ -334,7 +336,8 @@ def test_iterate_batches_bad_arguments(kwargs, fragment):
 
 def test_augmentations_constant_matches_docs():
     assert AUGMENTATIONS == ("none", "flip", "crop_flip")
-    assert {"cifar10", "cifar100", "mnist", "fashion_mnist", "digits", "imagewang", "imagenette", "imagewoof"} == set(DATASETS)
+    names = {"cifar10", "cifar100", "mnist", "fashion_mnist", "digits", "imagewang", "imagenette", "imagewoof"}
+    assert names == set(DATASETS)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -407,7 +410,8 @@ def test_image_folder_decoding_and_cache(tmp_path, monkeypatch):
     assert torch.equal(again.train.x, b.train.x) and torch.equal(again.test.x, b.test.x)
     monkeypatch.undo()
     # A changed file list is a new cache key.
-    (data / "imagenette-16" / "train" / "n0c" / "img0.png").rename(data / "imagenette-16" / "train" / "n0c" / "img9.png")
+    class_dir = data / "imagenette-16" / "train" / "n0c"
+    (class_dir / "img0.png").rename(class_dir / "img9.png")
     load_dataset("imagenette", root=data, val_size=2, cache_dir=cache)
     assert len(list((cache / "folders").glob("*.npz"))) == 2
 

@@ -165,7 +165,8 @@ def test_bad_arguments(args, params, fragment):
 def test_registry_helpers():
     assert model_params("wrn") == {"depth": 28, "width": 10, "dropout": 0.0}
     assert model_params("densenet_bc") == {"depth": None, "growth": None, "preset": None}
-    assert {"mlp", "resnet20", "resnet56", "resnet18_cifar", "wrn", "densenet_bc", "densenet121", "resnet18"} <= set(MODELS)
+    required = {"mlp", "resnet20", "resnet56", "resnet18_cifar", "wrn", "densenet_bc", "densenet121", "resnet18"}
+    assert required <= set(MODELS)
     with pytest.raises(ValueError, match="already registered"):
         register_model("mlp")(lambda num_classes, input_shape: nn.Linear(1, 1))
 

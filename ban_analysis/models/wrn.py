@@ -65,7 +65,8 @@ class WideResNet(nn.Module):
         self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         groups, channels = [], 16
         for i, w in enumerate(widths):
-            blocks = [WideBlock(channels if j == 0 else w, w, (2 if i > 0 and j == 0 else 1), dropout) for j in range(n)]
+            stride = 2 if i > 0 else 1  # the first block of groups 2 and 3 halves the resolution
+            blocks = [WideBlock(channels if j == 0 else w, w, stride if j == 0 else 1, dropout) for j in range(n)]
             channels = w
             groups.append(nn.Sequential(*blocks))
         self.groups = nn.Sequential(*groups)
