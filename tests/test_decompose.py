@@ -20,6 +20,17 @@ from ban_analysis.losses import OBJECTIVES, get_objective
 NAMES = list(OBJECTIVES)
 
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Run on one thread: these tensors are tiny, and on a loaded machine an OpenMP parallel
+    region can wait milliseconds for a second core. Results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def batch(B=8, C=6, seed=0, scale=2.0):
     g = torch.Generator().manual_seed(seed)
     student = scale * torch.randn(B, C, generator=g)

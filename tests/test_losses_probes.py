@@ -18,6 +18,17 @@ from ban_analysis.losses import get_objective
 from ban_analysis.losses.dkpp import permute_dark_knowledge
 
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Run on one thread: these tensors are tiny, and on a loaded machine an OpenMP parallel
+    region can wait milliseconds for a second core. Results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
