@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ban_analysis import param_grads as pg
+from ban_analysis.decompose import per_sample_stats, split_logit_grad
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +121,6 @@ def _cotangents(ctx: StepContext, scale: bool) -> dict[str, Tensor]:
     """Term cotangents from the logit gradient split at the label; ``scale``: times B."""
     key = ("cot", scale)
     if key not in ctx.cache:
-        from ban_analysis.decompose import split_logit_grad
-
         g = ctx.out.logit_grad.detach()  # (B, C)
         if scale:
             g = g * g.shape[0]
@@ -161,16 +160,7 @@ def _term_grads(ctx: StepContext, batched: bool = False) -> tuple[list[str], dic
     """Batch gradient of each term over all trainable parameters (cached per step)."""
     if "term_grads" not in ctx.cache:
         names, params = _trainable(ctx.model)
-        cot = _cotangents(ctx, scale=False)
-        if batched:  # one vmapped backward for both terms
-            stacked = torch.stack([cot["target"], cot["dark"]]).to(ctx.student_logits.dtype)
-            g = torch.autograd.grad(ctx.student_logits, params, grad_outputs=stacked,
-                                    retain_graph=True, allow_unused=True, is_grads_batched=True)
-            g = [torch.zeros(2, *p.shape, dtype=p.dtype, device=p.device) if x is None else x
-                 for p, x in zip(params, g)]
-            grads = {"target": [x[0] for x in g], "dark": [x[1] for x in g]}
-        else:
-            grads = pg.term_batch_grads(ctx.student_logits, params, cot)
+        grads = pg.term_batch_grads(ctx.student_logits, params, _cotangents(ctx, scale=False), batched)
         ctx.cache["term_grads"] = (names, grads)
     return ctx.cache["term_grads"]
 
@@ -185,8 +175,6 @@ class LogitSplit(Hook):
     name = "logit_split"
 
     def __call__(self, ctx: StepContext) -> dict[str, Tensor]:
-        from ban_analysis.decompose import per_sample_stats
-
         stats = per_sample_stats(ctx.student_logits.detach(), ctx.teacher_logits, ctx.target, ctx.out)
         cols = {"target": _sel(ctx.target, ctx.rows)}
         cols.update({k: _sel(v, ctx.rows) for k, v in stats.items()})
@@ -272,8 +260,10 @@ class ParamSplit(Hook):
     every_n_steps = 50
     samples = 32
     sample_from = "batch"
-    options = {"mode": "contribution", "chunk_size": 16, "eval_mode": False}
-    choices = {"mode": ("contribution", "exact", "vmap")}
+    options = {"mode": "contribution", "chunk_size": 16, "eval_mode": False, "exact_vjp": "auto"}
+    # exact_vjp "auto": batched VJPs (is_grads_batched) on CUDA, a loop of VJPs on CPU, where
+    # the batched form measured 1.2-3x slower than the loop (benchmarks/README.md).
+    choices = {"mode": ("contribution", "exact", "vmap"), "exact_vjp": ("auto", "batched", "loop")}
 
     def capture_modules(self, model):
         if self.opts["mode"] != "contribution":
@@ -301,13 +291,15 @@ class ParamSplit(Hook):
         self.state.update(covered_params=n_params, total_params=n_params)
         if mode == "exact":
             params = dict(zip(names, _trainable(ctx.model)[1]))
-            return pg.exact_stats(ctx.student_logits, params, cot, ctx.rows,
+            choice = self.opts["exact_vjp"]
+            batched = choice == "batched" or (choice == "auto" and ctx.student_logits.is_cuda)
+            self.state["exact_vjp"] = "batched" if batched else "loop"
+            return pg.exact_stats(ctx.student_logits, params, cot, ctx.rows, batched=batched,
                                   chunk_size=self.opts["chunk_size"], batch_grad=batch)
         eval_mode = self.opts["eval_mode"] and bool(pg.coupling_modules(ctx.model))
         self.state["eval_mode"] = eval_mode
         return pg.vmap_stats(ctx.model, ctx.inputs, cot, dict(zip(names, batch)), ctx.rows,
                              chunk_size=self.opts["chunk_size"], eval_mode=self.opts["eval_mode"])
-
 
     def can_fuse(self):
         return self.opts["mode"] == "contribution"
@@ -357,7 +349,8 @@ def _resolve(name: str, table: Mapping[str, Any] | None, seed: int, pool: Tensor
     every = _check_int(f"hooks.{name}.every_n_steps", table.pop("every_n_steps", cls.every_n_steps), 1)
     samples = table.pop("samples", cls.samples if cls.per_sample else "all")
     if samples != "all":
-        _check_int(f"hooks.{name}.samples ('all' or)", samples, 1)
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"hooks.{name}.samples must be 'all' or an int >= 1, got {samples!r}")
         if not cls.per_sample:
             raise ValueError(f"hooks.{name}.samples must be 'all' (it is a per-step hook), got {samples!r}")
     sample_from = table.pop("sample_from", cls.sample_from)

@@ -79,7 +79,8 @@ def _check_cotangents(student_logits: Tensor, cotangents: dict[str, Tensor]) -> 
 
 
 def term_batch_grads(
-    student_logits: Tensor, params: Sequence[Tensor], cotangents: dict[str, Tensor]
+    student_logits: Tensor, params: Sequence[Tensor], cotangents: dict[str, Tensor],
+    batched: bool = False,
 ) -> dict[str, list[Tensor]]:
     """Batch gradient of each term: one vector-Jacobian product per term.
 
@@ -88,11 +89,21 @@ def term_batch_grads(
             caller's own backward still works.
         params: parameters to differentiate (any that the logits do not depend on get zeros).
         cotangents: term name -> (B, C) cotangent (e.g. the term's part of ``out.logit_grad``).
+        batched: one vmapped backward for all terms (``is_grads_batched``) instead of a loop;
+            measured slower on CPU (benchmarks/README.md), possibly faster on a GPU.
 
     Returns:
         term name -> list of gradients shaped like ``params`` (``.grad`` is never touched).
     """
     params = list(params)
+    if batched:
+        terms = list(cotangents)
+        stacked = torch.stack([cotangents[t] for t in terms]).to(student_logits.dtype)  # (T, B, C)
+        g = torch.autograd.grad(student_logits, params, grad_outputs=stacked, retain_graph=True,
+                                allow_unused=True, is_grads_batched=True)
+        g = [torch.zeros(len(terms), *p.shape, dtype=p.dtype, device=p.device) if x is None else x
+             for p, x in zip(params, g)]
+        return {t: [x[i] for x in g] for i, t in enumerate(terms)}
     grads = {}
     for term, cot in cotangents.items():
         g = torch.autograd.grad(

@@ -15,9 +15,8 @@ objective against fixed random teacher logits, SGD with momentum and weight deca
 * the default study hook set run for ``--steps`` steps against the same steps without hooks.
 * Parquet bytes per epoch for Fashion-MNIST (55k samples) from synthetic logit_split rows.
 
-Timings are the minimum over repetitions (base and hooked steps interleaved): load from other
-processes only ever adds time, so the minimum is the best estimate of the unloaded cost on a
-shared machine (medians are printed beside the main ratios as a check).
+Hook costs are medians of ratios taken in pairs (a plain step, then a hooked one), so load from
+other processes on a shared machine falls on both sides of each ratio alike.
 """
 
 from __future__ import annotations
@@ -78,19 +77,27 @@ def step(model, opt, x, target, teacher_logits, runner=None, i=0) -> dict[str, f
     return {"fwd": t1 - t0, "hooks": t2 - t1 + t4 - t3, "bwd": t3 - t2, "total": t5 - t0}
 
 
-def compare(model, opt, batch, cfg, reps, warmup=3, fuse=False):
-    """Interleaved base / hooked steps (hooks due every rep); minimum of each segment."""
-    runner = HookRunner(cfg, seed=0, train_size=B, fuse_backward=fuse)
-    base, hooked = [], []
+def compare(model, opt, batch, cfg, reps, warmup=2, fuse=False):
+    """Base and hooked steps in pairs (hooks due every step); medians of the paired ratios.
+
+    Returns the base step's median segments and, per pair, hook time / base step, hook time /
+    base backward, and the extra forward time (activation capture) / base step.
+    """
+    runner = HookRunner(cfg, seed=0, train_size=B, fuse_backward=fuse) if cfg else None
+    base, ratios = [], {"step": [], "bwd": [], "fwd": []}
     for r in range(warmup + reps):
         a = step(model, opt, *batch)
-        b = step(model, opt, *batch, runner=runner, i=0)
-        if r >= warmup:
-            base.append(a)
-            hooked.append(b)
-    best = lambda rows: {k: min(x[k] for x in rows) for k in rows[0]}  # noqa: E731
-    median = lambda rows: statistics.median(x["total"] for x in rows)  # noqa: E731
-    return best(base), best(hooked), median(hooked) / median(base) - 1
+        if runner is not None:
+            h = step(model, opt, *batch, runner=runner, i=0)
+        if r < warmup:
+            continue
+        base.append(a)
+        if runner is not None:
+            ratios["step"].append(h["hooks"] / a["total"])
+            ratios["bwd"].append(h["hooks"] / a["bwd"])
+            ratios["fwd"].append((h["fwd"] - a["fwd"]) / a["total"])
+    med = {k: statistics.median(x[k] for x in base) for k in base[0]}
+    return med, {k: statistics.median(v) if v else 0.0 for k, v in ratios.items()}
 
 
 def loop_reference(model, student_logits, cot, rows):
@@ -145,9 +152,14 @@ def per_sample_modes(name, reps):
     bg = dict(zip(params, torch.autograd.grad(student_logits, list(params.values()), retain_graph=True,
                                               grad_outputs=t + (g - t))))
     res = {
+        # The unit, measured here so load changes between sections do not skew the ratios.
+        "one backward pass (unit)": timed(lambda: torch.autograd.grad(out.loss, list(params.values()),
+                                                                      retain_graph=True), reps),
         "contribution": timed(lambda: pg.contribution_stats(student_logits, model, captured, cot, rows), reps),
-        "exact": timed(lambda: pg.exact_stats(student_logits, params, cot, rows, chunk_size=16), max(1, reps // 3)),
+        "exact, batched VJPs": timed(lambda: pg.exact_stats(student_logits, params, cot, rows, chunk_size=16),
+                                     max(1, reps // 3)),
         "vmap": timed(lambda: pg.vmap_stats(model, x, cot, bg, rows, eval_mode=True), max(1, reps // 3)),
+        # = exact with exact_vjp "loop" (what "auto" picks on CPU), minus the chunking
         "loop (batch-graph VJPs)": timed(lambda: loop_reference(model, student_logits, cot, rows), 1),
         # Exact only without BN (the MLP); for ResNet-20 a cost reference (one sample's BN
         # statistics are not the batch's), run on a copy so the benchmark model is untouched.
@@ -224,7 +236,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--models", default="mlp,resnet20")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (rough numbers)")
-    ap.add_argument("--steps", type=int, default=100, help="steps for the amortised default-set run")
+    ap.add_argument("--steps", type=int, default=100, help="steps for the measured default-set run")
     ap.add_argument("--update-share-every", type=int, default=25)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -232,13 +244,12 @@ def main() -> None:
     print(f"# machine: {machine()}; torch {torch.__version__}; threads {args.threads}; "
           f"date {time.strftime('%Y-%m-%d %H:%M')}; batch {B}; param_split rows {ROWS}")
     for name in args.models.split(","):
-        reps = {"mlp": 60, "resnet20": 6}[name] // q
+        reps = {"mlp": 100, "resnet20": 8}[name] // q
         model, opt, *batch = setup(name)
-        base, _, _ = compare(model, opt, batch, None, reps)
-        bwd, total = base["bwd"], base["total"]
-        print(f"\n## {name}: base step {total * 1e3:.1f} ms (forward+objective {base['fwd'] * 1e3:.1f} ms, "
-              f"backward {bwd * 1e3:.1f} ms = 1 backward pass)")
-        print("| hook, due every step | hook call, % of step | step difference, % (median-based) "
+        base, _ = compare(model, opt, batch, None, reps)
+        print(f"\n## {name}: base step {base['total'] * 1e3:.1f} ms (forward+objective "
+              f"{base['fwd'] * 1e3:.1f} ms, backward {base['bwd'] * 1e3:.1f} ms = 1 backward pass; medians)")
+        print("| hook, due every step | hook call, % of step | + capture in forward, % of step "
               "| per call, backward passes |")
         print("|---|---|---|---|")
         ps = {"param_split": {"every_n_steps": 1, "samples": ROWS}}
@@ -248,34 +259,34 @@ def main() -> None:
                 "update_share fused": ({"update_share": {}}, True),
                 "param_split contribution, 32 rows": (ps, False),
                 "param_split contribution fused": (ps, True)}
-        per_call = {}
+        cost = {}  # per call, fraction of a base step (hook call + capture)
         for label, (cfg, fuse) in cfgs.items():
-            b, h, med = compare(model, opt, batch, cfg, reps, fuse=fuse)
-            diff = max(h["total"] - b["total"], 0.0)
-            per_call[label] = max(diff, h["hooks"])
-            print(f"| {label} | {100 * h['hooks'] / b['total']:.1f} | {100 * diff / b['total']:.1f} "
-                  f"({100 * med:.1f}) | {h['hooks'] / b['bwd']:.2f} (step difference {diff / b['bwd']:.2f}) |")
-        modes = per_sample_modes(name, max(2, reps // 4))
+            _, r = compare(model, opt, batch, cfg, reps, fuse=fuse)
+            fwd = max(r["fwd"], 0.0) if label.startswith(("param_split", "head_split")) else 0.0
+            cost[label] = r["step"] + fwd
+            print(f"| {label} | {100 * r['step']:.1f} | {100 * fwd:.1f} | {r['bwd']:.2f} |")
+        modes = per_sample_modes(name, max(2, reps // 8))
+        bwd = modes.pop("one backward pass (unit)")
+        print(f"\nOne backward pass here: {bwd:.4f} s (autograd.grad of the loss, graph retained).")
         print("\n| param_split at B'=32 | seconds per call | backward passes | speed-up vs batch-graph loop "
               "| vs 1-sample loop |")
         print("|---|---|---|---|---|")
         for k, v in modes.items():
             print(f"| {k} | {v:.4f} | {v / bwd:.1f} | {modes['loop (batch-graph VJPs)'] / v:.1f}x "
                   f"| {modes['loop (1-sample forwards)'] / v:.1f}x |")
-        print("\nDefault study set (logit_split + head_split every step, param_split every 50 on 32 rows),"
-              " estimated from the per-call costs above, % of the base step:")
-        always = per_call["logit_split"] + per_call["head_split"]
+        print("\nDefault study set (logit_split + head_split every step, param_split every 50 on 32 rows,"
+              " update_share every N), amortised, from the per-call costs above:")
+        always = cost["logit_split"] + cost["head_split"]
         for every in (1, 5, 10, 20, 25, 50):
-            est = [(always + per_call[f"update_share{f}"] / every
-                    + per_call[f"param_split contribution{g}"] / 50) / total
+            est = [always + cost[f"update_share{f}"] / every + cost[f"param_split contribution{g}"] / 50
                    for f, g in (("", ", 32 rows"), (" fused", " fused"))]
-            print(f"- update_share every {every}: {100 * est[0]:+.1f}% (fused: {100 * est[1]:+.1f}%)")
+            print(f"- N = {every}: {100 * est[0]:+.1f}% (fused: {100 * est[1]:+.1f}%)")
         n_steps = args.steps // q // (2 if name == "resnet20" else 1)
         for fuse in (False, True):
             amort, totals = default_set_amortised(name, n_steps, args.update_share_every,
                                                   3 if name == "mlp" else 1, fuse=fuse)
-            print(f"\nMeasured{' (fused)' if fuse else ''}: default study set with update_share every "
-                  f"{args.update_share_every}, over {n_steps} steps: {100 * amort:+.1f}% "
+            print(f"\nMeasured{' (fused)' if fuse else ''}: the set with N = {args.update_share_every} over "
+                  f"{n_steps} steps, side by side with plain steps: {100 * amort:+.1f}% "
                   f"(hooked {totals['hooked']:.2f} s, base {totals['base']:.2f} s)")
     print("\n## Parquet per epoch, Fashion-MNIST (55,000 samples, zstd)")
     for hook, (size, rows, cols) in parquet_size().items():

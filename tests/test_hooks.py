@@ -93,7 +93,7 @@ def test_hooks_leave_model_grads_and_rng_untouched(mode):
     for p in model.parameters():  # pre-existing .grad must survive too
         p.grad = torch.randn_like(p)
     cfg = copy.deepcopy(ALL_HOOKS)
-    cfg["param_split"].update(mode=mode, eval_mode=mode == "vmap")
+    cfg["param_split"].update(mode=mode, eval_mode=mode == "vmap", exact_vjp="batched" if mode == "exact" else "auto")
     runner = HookRunner(cfg, seed=3, train_size=60)
     ctx = step_context(runner, model, step=0)
     before = snapshot(model)
@@ -187,8 +187,8 @@ def test_schedule_and_capture_only_when_needed():
     out = runner.run(step_context(runner, model, step=3))
     assert set(out) == {"param_split"} and out["param_split"]["sample_index"].shape == (32 if B > 32 else B,)
     assert runner.info()["param_split"] == {
-        "every_n_steps": 3, "samples": 32, "fused": False, "sample_from": "batch", "mode": "contribution", "chunk_size": 16,
-        "eval_mode": False, "covered_params": sum(p.numel() for p in model.parameters()),
+        "every_n_steps": 3, "samples": 32, "fused": False, "sample_from": "batch", "mode": "contribution",
+        "chunk_size": 16, "eval_mode": False, "exact_vjp": "auto", "covered_params": sum(p.numel() for p in model.parameters()),
         "total_params": sum(p.numel() for p in model.parameters()), "modules": 4}
 
 
@@ -243,14 +243,15 @@ def test_vmap_on_dropout_model_without_eval_mode_raises():
     ({"logit_split": {"every_n_steps": 0}}, "every_n_steps must be an int >= 1"),
     ({"logit_split": {"every_n_steps": True}}, "every_n_steps"),
     ({"logit_split": {"every_n_steps": 1.5}}, "every_n_steps"),
-    ({"logit_split": {"samples": 0}}, "samples"),
-    ({"logit_split": {"samples": "some"}}, "samples"),
+    ({"logit_split": {"samples": 0}}, "samples must be 'all' or an int >= 1"),
+    ({"logit_split": {"samples": "some"}}, "samples must be 'all' or an int >= 1"),
     ({"logit_split": {"sample_from": "val"}}, "sample_from must be 'train' or 'batch'"),
     ({"update_share": {"samples": 8}}, "must be 'all'"),
     ({"update_share": {"sample_from": "batch"}}, "unknown option"),
     ({"update_share": {"group_depth": 0}}, "group_depth"),
     ({"param_split": {"mode": "fast"}}, "one of \\['contribution', 'exact', 'vmap'\\]"),
     ({"param_split": {"chunk_size": "8"}}, "chunk_size must be int"),
+    ({"param_split": {"exact_vjp": "fast"}}, "exact_vjp must be one of"),
     ({"head_split": {"include_bias": "yes"}}, "include_bias must be bool"),
     ({"head_split": 3}, "must be a table"),
 ])
