@@ -158,7 +158,8 @@ def per_sample_modes(name, reps):
         "contribution": timed(lambda: pg.contribution_stats(student_logits, model, captured, cot, rows), reps),
         "exact, batched VJPs": timed(lambda: pg.exact_stats(student_logits, params, cot, rows, chunk_size=16),
                                      max(1, reps // 3)),
-        "vmap": timed(lambda: pg.vmap_stats(model, x, cot, bg, rows, eval_mode=True), max(1, reps // 3)),
+        "vmap (eval_mode: BN on running stats)": timed(
+            lambda: pg.vmap_stats(model, x, cot, bg, rows, eval_mode=True), max(1, reps // 3)),
         # = exact with exact_vjp "loop" (what "auto" picks on CPU), minus the chunking
         "loop (batch-graph VJPs)": timed(lambda: loop_reference(model, student_logits, cot, rows), 1),
         # Exact only without BN (the MLP); for ResNet-20 a cost reference (one sample's BN
