@@ -57,6 +57,16 @@ def test_local_study_is_paired_and_complete(tmp_path, tiny_root):
     t1 = load_checkpoint_file(out / "runs/seed-1/teacher/gen-0/checkpoint.pt")["model"]
     assert not all(torch.equal(t0[k], t1[k]) for k in t0)
 
+    # the report reads this real (tiny) study folder and writes every file it promises
+    from ban_analysis.report import write_report
+
+    report = write_report(out, command="ban-analysis report <tiny study>")
+    for name in ("index.md", "report.html", "stats.json"):
+        assert (report / name).stat().st_size > 0, name
+    assert any((report / "figures").glob("*.png"))
+    stats_json = json.loads((report / "stats.json").read_text())
+    assert stats_json["study"]["seeds"] == [0, 1] and stats_json["study"]["equivalence_margin"] == 0.01
+
     # resumable: an unfinished run is resumed, finished ones are skipped
     dkpp = RunDir(out / "runs" / "seed-1" / "dkpp")
     (dkpp.path / "summary.json").unlink()
