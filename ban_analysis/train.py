@@ -216,6 +216,11 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
                                student_logits, teacher_logits, out, capture)
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
+                if hooks is not None:
+                    # fused hooks read this backward's .grad: before the step, which changes nothing
+                    fused = hooks.after_backward()
+                    if fused and writer is not None:
+                        writer.add(epoch, step, fused)
                 optimizer.step()
                 n = target.shape[0]
                 loss_sum += out.loss.item() * n
@@ -382,8 +387,10 @@ def run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen:
     if cfg.hooks:
         from ban_analysis.hooks import HookRunner
 
+        # fuse_backward: update_share and param_split reuse the trainer's own backward pass
+        # (about one backward pass less per call; benchmarks/README.md, Hooks)
         hook_runner = HookRunner(cfg.hooks, seed=cfg.seed, train_size=len(bundle.train.index),
-                                 train_index=bundle.train.index)
+                                 train_index=bundle.train.index, fuse_backward=True)
 
     teacher = None
     for gen in range(last_gen + 1):
