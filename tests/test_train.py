@@ -213,3 +213,38 @@ def test_real_data_digits_run(tmp_path):
     assert summary["generations"][0]["test_acc"] > 0.85
     assert all(g["test_acc"] > 0.8 for g in summary["generations"])
     assert [e["members"] for e in summary["ensembles"]] == [[1, 2], [0, 1, 2]]
+
+
+@requires_real_data
+@pytest.mark.slow
+def test_sigkill_mid_generation_and_rerun_via_the_cli(tmp_path):
+    """A real kill (SIGKILL of the CLI process mid-run), then the same command: same summary."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "experiments" / "quick.toml"
+    sets = ["--set", "data.train_subset=3000", "--set", "train.epochs=3", "--set", "data.val_size=500"]
+    env = {**os.environ, "BAN_DATA": str(real_data_root())}
+
+    def command(out):
+        return [sys.executable, "-m", "ban_analysis.cli", "run", str(config), "--out", str(out), "--quiet", *sets]
+
+    subprocess.run(command(tmp_path / "ref"), env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marker = tmp_path / "killed" / "gen-1" / "metrics.csv"  # gen 1 has finished an epoch
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists(), "killed too late to test a resume"
+    subprocess.run(command(tmp_path / "killed"), env=env, check=True, capture_output=True)
+    ref = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert json.loads((tmp_path / "killed" / "summary.json").read_text()) == ref
+    _assert_same_weights(tmp_path / "ref", tmp_path / "killed", [0, 1, 2])
+    assert len(json.loads((tmp_path / "killed" / "manifest.json").read_text())["resumed"]) == 1
