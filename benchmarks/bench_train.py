@@ -8,6 +8,9 @@ here, amortised over the epochs), with augmentation it runs a forward per step i
     BAN_DATA=../shared/data python benchmarks/bench_train.py [--epochs 2] [--threads 2]
 
 Goal (issue 3): BAN img/s / CE img/s slowdown <= 1.30 for the MLP and a CIFAR ResNet-20.
+The last columns time the BAN step again with the studies' hook set (logit_split every step,
+update_share every 25 steps, param_split every 50 steps on 32 samples; fused backward), the
+amortised cost of instrumentation in a real run (issue 4's goal: <= 10%).
 """
 
 from __future__ import annotations
@@ -42,7 +45,12 @@ def cpu_name() -> str:
         return platform.processor() or "unknown"
 
 
-def time_generation(bundle, arch, params, objective_name, teacher, epochs, augment) -> float:
+# the hook set the study configs use (experiments/study_fmnist_mlp.toml)
+STUDY_HOOKS = {"logit_split": {"every_n_steps": 1}, "update_share": {"every_n_steps": 25},
+               "param_split": {"every_n_steps": 50, "samples": 32, "mode": "contribution"}}
+
+
+def time_generation(bundle, arch, params, objective_name, teacher, epochs, augment, hooks=None) -> float:
     """Seconds for ``epochs`` epochs of training (teacher caching included), no run folder."""
     cfg = TrainConfig(epochs=epochs, lr=0.05, schedule="constant")
     model = build_model(arch, params, bundle, seed=0, gen=1)
@@ -54,8 +62,14 @@ def time_generation(bundle, arch, params, objective_name, teacher, epochs, augme
                                          test=dataclasses.replace(bundle.test, x=bundle.test.x[:0],
                                                                   y=bundle.test.y[:0],
                                                                   index=bundle.test.index[:0]))
+    runner = None
+    if hooks:
+        from ban_analysis.hooks import HookRunner
+
+        runner = HookRunner(hooks, seed=0, train_size=len(bundle.train.index), train_index=bundle.train.index,
+                            fuse_backward=True)
     start = time.perf_counter()
-    train_generation(model, objective, bundle_no_eval, cfg, gen=1, seed=0,
+    train_generation(model, objective, bundle_no_eval, cfg, gen=1, seed=0, hooks=runner,
                      teacher=teacher if objective.needs_teacher else None, augment=augment, progress=False)
     return time.perf_counter() - start
 
@@ -70,8 +84,8 @@ def main() -> None:
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} threads, {time.strftime('%Y-%m-%d %H:%M')}")
     print()
-    print("| setting | images/epoch | CE img/s | BAN img/s | BAN / CE time |")
-    print("|---|---|---|---|---|")
+    print("| setting | images/epoch | CE img/s | BAN img/s | BAN / CE time | BAN + study hooks img/s | hooks overhead |")
+    print("|---|---|---|---|---|---|---|")
     for name, (dataset, subset, arch, params, augment) in SETTINGS.items():
         if args.only and args.only not in name:
             continue
@@ -81,7 +95,9 @@ def main() -> None:
         time_generation(bundle, arch, params, "ce", None, 1, augment)  # warm-up (allocator, kernels)
         ce = time_generation(bundle, arch, params, "ce", None, args.epochs, augment)
         ban = time_generation(bundle, arch, params, "ban", teacher, args.epochs, augment)
-        print(f"| {name} | {len(bundle.train.y)} | {n / ce:,.0f} | {n / ban:,.0f} | {ban / ce:.2f} |")
+        hooked = time_generation(bundle, arch, params, "ban", teacher, args.epochs, augment, STUDY_HOOKS)
+        print(f"| {name} | {len(bundle.train.y)} | {n / ce:,.0f} | {n / ban:,.0f} | {ban / ce:.2f} | "
+              f"{n / hooked:,.0f} | {100 * (hooked / ban - 1):+.0f}% |")
 
 
 if __name__ == "__main__":
