@@ -59,6 +59,24 @@ def register_model(name: str | None = None, *, test_input_shape: tuple[int, int,
     return decorate
 
 
+def init_conv_bn(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out, ReLU) Conv2d weights; BatchNorm2d weight 1 and bias 0.
+
+    The initialisation of torchvision's ResNet and DenseNet and of the WRN authors' code, shared
+    by the CIFAR models here. It walks ``model.modules()`` in order and draws only for convs, so
+    a seeded model's weights depend on that order: keep it when changing this function.
+
+    Args:
+        model: the module to initialise in place (its head and other layers are left as they are).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def model_params(name: str) -> dict[str, object]:
     """The keyword parameters of model ``name`` and their defaults."""
     if name not in MODELS:

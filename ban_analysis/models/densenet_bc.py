@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ban_analysis.models import register_model
+from ban_analysis.models import init_conv_bn, register_model
 
 PRESETS = {"112-33": (112, 33), "90-60": (90, 60), "80-80": (80, 80), "80-120": (80, 120)}
 # Parameter counts at 100 classes (sum of p.numel()); tests check them.
@@ -104,12 +104,7 @@ class DenseNetBC(nn.Module):
         modules += [nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         self.features = nn.Sequential(*modules)
         self.head = nn.Linear(channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
