@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny learnable synthetic dataset in the offline npz format, and run configs.
+"""Shared fixtures: a tiny learnable synthetic dataset in the offline npz format, run configs,
+and small random logit batches for the objective and decomposition tests.
 
 The tiny set is written as ``mnist.npz`` (10 classes, 8x8) into a temporary root, so the loader's
 real code path for npz files is what the tests exercise.
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -63,3 +65,37 @@ def tiny_config(root: Path, **sections) -> dict:
     for key, value in sections.items():
         table[key] = {**table.get(key, {}), **value} if isinstance(value, dict) else value
     return table
+
+
+# ------------------------------------------------------- small logit batches (objective tests)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run on one thread: these tensors are tiny, and on a loaded machine an OpenMP parallel
+    region can wait milliseconds for a second core. Results do not depend on it.
+
+    Not autouse: the modules that want it say ``pytestmark = pytest.mark.usefixtures(...)``,
+    so the data and training tests keep torch's thread count.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def make_batch(B: int = 6, C: int = 5, seed: int = 0, dtype=torch.float64, scale: float = 2.0):
+    """Random ``(student_logits, teacher_logits, target)``: (B, C), (B, C), (B,) int64.
+
+    Logits are ``scale * N(0, 1)`` drawn in float32 and then cast to ``dtype``, labels uniform,
+    all from one generator seeded ``seed``.
+    """
+    g = gen(seed)
+    student = (scale * torch.randn(B, C, generator=g)).to(dtype)
+    teacher = (scale * torch.randn(B, C, generator=g)).to(dtype)
+    target = torch.randint(0, C, (B,), generator=g)
+    return student, teacher, target

@@ -16,27 +16,18 @@ from scipy.stats import entropy as np_entropy
 
 from ban_analysis.decompose import STAT_KEYS, per_sample_stats, split_logit_grad
 from ban_analysis.losses import OBJECTIVES, get_objective
+from tests.conftest import make_batch
 
 NAMES = list(OBJECTIVES)
 
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Run on one thread: these tensors are tiny, and on a loaded machine an OpenMP parallel
-    region can wait milliseconds for a second core. Results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# conftest.one_torch_thread: these tensors are tiny (see the fixture for why one thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def batch(B=8, C=6, seed=0, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    student = scale * torch.randn(B, C, generator=g)
-    teacher = scale * torch.randn(B, C, generator=g)
-    target = torch.randint(0, C, (B,), generator=g)
-    return student, teacher, target
+def batch(B=8, C=6, seed=0):
+    """float32 logits, the trainer's dtype (conftest.make_batch defaults to float64)."""
+    return make_batch(B, C, seed, dtype=torch.float32)
 
 
 def run(name, student, teacher, target):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ban_analysis.losses import OBJECTIVES, ObjectiveOutput, get_objective
 from ban_analysis.losses.functional import label_and_soft_target_loss, soft_target_cross_entropy
+from tests.conftest import gen, make_batch
 
 NAMES = list(OBJECTIVES)
 # Non-default hyperparameters too, so temperature != 1, alpha at its ends and both DKPP anchors run.
@@ -36,27 +37,8 @@ VARIANTS = [(n, {}) for n in NAMES] + [
 VARIANT_IDS = [n + "".join(f"-{k}={v}" for k, v in p.items()) for n, p in VARIANTS]
 
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Run on one thread: these tensors are tiny, and on a loaded machine an OpenMP parallel
-    region can wait milliseconds for a second core. Results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def make_batch(B: int = 6, C: int = 5, seed: int = 0, dtype=torch.float64, scale: float = 2.0):
-    g = gen(seed)
-    student = (scale * torch.randn(B, C, generator=g)).to(dtype)
-    teacher = (scale * torch.randn(B, C, generator=g)).to(dtype)
-    target = torch.randint(0, C, (B,), generator=g)
-    return student, teacher, target
+# conftest.one_torch_thread: these tensors are tiny (see the fixture for why one thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def call(name, params, student, teacher, target, seed=123) -> ObjectiveOutput:

@@ -16,28 +16,11 @@ from scipy.stats import chi2_contingency, chisquare
 
 from ban_analysis.losses import get_objective
 from ban_analysis.losses.dkpp import permute_dark_knowledge
+from tests.conftest import gen, make_batch
 
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Run on one thread: these tensors are tiny, and on a loaded machine an OpenMP parallel
-    region can wait milliseconds for a second core. Results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def make_batch(B: int = 6, C: int = 5, seed: int = 0, dtype=torch.float64):
-    g = gen(seed)
-    student = (2 * torch.randn(B, C, generator=g)).to(dtype)
-    teacher = (2 * torch.randn(B, C, generator=g)).to(dtype)
-    return student, teacher, torch.randint(0, C, (B,), generator=g)
+# conftest.one_torch_thread: these tensors are tiny (see the fixture for why one thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def call(name, student, teacher, target, seed=123):
