@@ -42,6 +42,29 @@ def _scaled(student_logits: Tensor, temperature: float) -> Tensor:
     return student_logits if temperature == 1.0 else student_logits / temperature
 
 
+class _ClosedFormGrad(torch.autograd.Function):
+    """Base of the two losses' autograd.Functions: the backward they share.
+
+    A subclass's ``forward`` computes the loss and its closed-form logit gradient and ends with
+    ``return _ClosedFormGrad.save_grad(ctx, loss, grad)``; ``backward`` then only scales the saved
+    gradient. The student logits are always the first input; the others get no gradient.
+    """
+
+    @staticmethod
+    def save_grad(ctx, loss: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+        """Save ``grad`` for backward and return ``(loss, grad)``, ``grad`` non-differentiable."""
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(grad)
+        return loss, grad
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_of_grad):  # noqa: D102
+        (grad,) = ctx.saved_tensors
+        # One entry per forward input: the logits' gradient, then None for each other input.
+        return (grad_loss * grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
 # ---------------------------------------------------------------- 1. soft-target cross-entropy
 
 
@@ -82,22 +105,14 @@ def soft_target_ce_backward(
     return (q - target_dist).mul_(scale)
 
 
-class SoftTargetCE(torch.autograd.Function):
+class SoftTargetCE(_ClosedFormGrad):
     """autograd.Function for :func:`soft_target_ce_forward`; returns ``(loss, logit_grad)``."""
 
     @staticmethod
     def forward(ctx, student_logits, target_dist, weight, temperature):  # noqa: D102
         loss, q = soft_target_ce_forward(student_logits, target_dist, weight, temperature)
         grad = soft_target_ce_backward(q, target_dist, weight, temperature)
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(grad)
-        return loss, grad
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, _grad_of_grad):  # noqa: D102
-        (grad,) = ctx.saved_tensors
-        return grad_loss * grad, None, None, None
+        return _ClosedFormGrad.save_grad(ctx, loss, grad)
 
 
 def soft_target_cross_entropy(
@@ -197,7 +212,7 @@ def label_soft_backward(
     return grad
 
 
-class LabelAndSoftTargetLoss(torch.autograd.Function):
+class LabelAndSoftTargetLoss(_ClosedFormGrad):
     """autograd.Function for :func:`label_soft_forward`; returns ``(loss, logit_grad)``."""
 
     @staticmethod
@@ -206,15 +221,7 @@ class LabelAndSoftTargetLoss(torch.autograd.Function):
             student_logits, target, soft_target, soft_log_target, label_coef, soft_coef, temperature
         )
         grad = label_soft_backward(q1, qT, target, soft_target, label_coef, soft_coef, temperature)
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(grad)
-        return loss, grad
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, _grad_of_grad):  # noqa: D102
-        (grad,) = ctx.saved_tensors
-        return grad_loss * grad, None, None, None, None, None, None
+        return _ClosedFormGrad.save_grad(ctx, loss, grad)
 
 
 def label_and_soft_target_loss(
