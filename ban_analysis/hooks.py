@@ -10,7 +10,8 @@ training forward (no second forward in training mode).
 
 :class:`HookRunner` turns the run config's ``[hooks.<name>]`` tables into due hooks per step,
 registers forward hooks only on steps where a due hook needs activations, picks the samples
-each hook reports, and collects ``{hook: {column: tensor}}`` for the run writer.
+each hook reports, and collects ``{hook: {column: tensor}}`` for the run writer. The tables
+are validated by ``hook_config.resolve``.
 
 Per-sample gradients use the logit-gradient row of the sample times B (batch-mean factor
 removed), split at the label: target part = the value at the label coordinate, dark part =
@@ -20,7 +21,6 @@ the rest (``decompose.split_logit_grad``).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ban_analysis import param_grads as pg
 from ban_analysis.decompose import per_sample_stats, split_logit_grad
+from ban_analysis.hook_config import Resolved, check_int, resolve, seed_of
 
 logger = logging.getLogger(__name__)
 
@@ -315,65 +316,6 @@ def _grad_of(p: Tensor) -> Tensor:
     return torch.zeros_like(p) if p.grad is None else p.grad
 
 
-def _seed_of(*parts: Any) -> int:
-    """A stable 63-bit seed from the parts (Python's hash() differs between processes)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _check_int(what: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{what} must be an int >= {low}, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class _Resolved:
-    hook: Hook
-    every_n_steps: int
-    samples: Any  # "all" or int
-    sample_from: str
-    subset: Tensor | None  # sorted fixed subset of train indices (sample_from "train", n given)
-
-
-def _resolve(name: str, table: Mapping[str, Any] | None, seed: int, pool: Tensor) -> _Resolved:
-    if name not in HOOKS:
-        raise ValueError(f"unknown hook {name!r}; valid hooks: {', '.join(HOOKS)}")
-    cls = HOOKS[name]
-    table = dict(table or {})
-    common = ["every_n_steps", "samples"] + (["sample_from"] if cls.per_sample else [])
-    valid = common + list(cls.options)
-    unknown = sorted(set(table) - set(valid))
-    if unknown:
-        raise ValueError(f"hook {name!r}: unknown option(s) {unknown}; valid options: {', '.join(valid)}")
-    every = _check_int(f"hooks.{name}.every_n_steps", table.pop("every_n_steps", cls.every_n_steps), 1)
-    samples = table.pop("samples", cls.samples if cls.per_sample else "all")
-    if samples != "all":
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"hooks.{name}.samples must be 'all' or an int >= 1, got {samples!r}")
-        if not cls.per_sample:
-            raise ValueError(f"hooks.{name}.samples must be 'all' (it is a per-step hook), got {samples!r}")
-    sample_from = table.pop("sample_from", cls.sample_from)
-    if sample_from not in ("train", "batch"):
-        raise ValueError(f"hooks.{name}.sample_from must be 'train' or 'batch', got {sample_from!r}")
-    for key, value in table.items():
-        default = cls.options[key]
-        if type(value) is not type(default):
-            raise ValueError(f"hooks.{name}.{key} must be {type(default).__name__}, got {value!r}")
-        if key in cls.choices and value not in cls.choices[key]:
-            raise ValueError(f"hooks.{name}.{key} must be one of {list(cls.choices[key])}, got {value!r}")
-        if isinstance(default, int) and not isinstance(default, bool):
-            _check_int(f"hooks.{name}.{key}", value, 1)
-    subset = None
-    if samples != "all" and sample_from == "train":
-        if samples > pool.numel():
-            logger.warning("hooks.%s.samples = %d exceeds the %d training samples; using all",
-                           name, samples, pool.numel())
-        g = torch.Generator().manual_seed(_seed_of(seed, name))
-        subset = pool[torch.randperm(pool.numel(), generator=g)[:samples]].sort().values
-    return _Resolved(cls(**table), every, samples, sample_from, subset)
-
-
 class _Capture:
     """Context manager around the student forward; ``.captured`` is filled inside it."""
 
@@ -421,10 +363,11 @@ class HookRunner:
             if table is not None and not isinstance(table, Mapping):
                 raise ValueError(f"hooks.{name} must be a table of options, got {table!r}")
         pool = (torch.as_tensor(train_index).long().reshape(-1).cpu() if train_index is not None
-                else torch.arange(_check_int("train_size", train_size, 1)))
+                else torch.arange(check_int("train_size", train_size, 1)))
         self.seed = seed
         # Registry order, so update_share's batch gradients are cached before param_split.
-        self.hooks = {name: _resolve(name, hook_cfgs[name], seed, pool) for name in HOOKS if name in hook_cfgs}
+        self.hooks = {name: resolve(name, HOOKS[name], hook_cfgs[name], seed, pool)
+                      for name in HOOKS if name in hook_cfgs}
         unknown = sorted(set(hook_cfgs) - set(HOOKS))
         if unknown:
             raise ValueError(f"unknown hook(s) {unknown}; valid hooks: {', '.join(HOOKS)}")
@@ -455,7 +398,7 @@ class HookRunner:
         self._capture = (step, cap) if names else None
         return cap
 
-    def _rows(self, name: str, r: _Resolved, ctx: StepContext) -> Tensor | None:
+    def _rows(self, name: str, r: Resolved, ctx: StepContext) -> Tensor | None:
         if r.samples == "all":
             return None
         device = ctx.sample_index.device
@@ -467,7 +410,7 @@ class HookRunner:
         batch = ctx.sample_index.shape[0]
         if r.samples >= batch:
             return None
-        g = torch.Generator().manual_seed(_seed_of(self.seed, name, ctx.gen, ctx.step))
+        g = torch.Generator().manual_seed(seed_of(self.seed, name, ctx.gen, ctx.step))
         return torch.randperm(batch, generator=g)[:r.samples].sort().values.to(device)
 
     def run(self, ctx: StepContext) -> dict[str, dict[str, Tensor]]:
@@ -515,7 +458,7 @@ class HookRunner:
             self._drop_pending()
         return results
 
-    def _finish(self, r: _Resolved, ctx: StepContext, cols: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _finish(self, r: Resolved, ctx: StepContext, cols: dict[str, Tensor]) -> dict[str, Tensor]:
         if r.hook.per_sample:
             cols = {"sample_index": _sel(ctx.sample_index, ctx.rows), **cols}
         return {k: v.detach() for k, v in cols.items()}
