@@ -1,5 +1,7 @@
 """Statistics across seeds: paired tests, bootstrap intervals, Holm, TOST, effect sizes, power.
 
+The power functions live in :mod:`ban_analysis.power` and are importable from here too.
+
 Pure functions over arrays shaped ``(seeds,)`` or ``(seeds, k)`` (rliable style). Anything random
 takes an explicit ``np.random.Generator``; nothing touches the global RNG. Results are small frozen
 dataclasses (or NamedTuples where a plain tuple is part of the contract) that the report renders.
@@ -24,7 +26,9 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 import scipy.stats
-from scipy.optimize import brentq
+
+# Re-exported: callers and the README use stats.min_detectable_effect and stats.paired_t_power.
+from ban_analysis.power import min_detectable_effect, paired_t_power  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -459,67 +463,3 @@ def probability_of_improvement_matrix(scores) -> np.ndarray:
             tidy = _tidy_diff(s[:, i], s[:, j])
             out[i, j] = np.mean(tidy > 0) + 0.5 * np.mean(tidy == 0)
     return out
-
-
-# ----------------------------------------------------------------------------- power
-
-
-def _check_power_args(n, alpha):
-    n = _check_count(n, "n", 2)
-    if not (isinstance(alpha, (int, float, np.floating)) and 0 < alpha < 1):
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    return n, float(alpha)
-
-
-def paired_t_power(effect: float, sd_diff: float, n: int, alpha: float = 0.05) -> float:
-    """Power of the two-sided paired t-test for true mean difference ``effect`` (noncentral t).
-
-    Args:
-        effect: true mean paired difference (units of the scores).
-        sd_diff: standard deviation of the paired differences (> 0).
-        n: number of paired seeds (>= 2).
-        alpha: two-sided significance level.
-    """
-    n, alpha = _check_power_args(n, alpha)
-    if not (np.isfinite(sd_diff) and sd_diff > 0) or not np.isfinite(effect):
-        raise ValueError(f"sd_diff must be finite > 0 and effect finite, got {sd_diff!r}, {effect!r}")
-    df = n - 1
-    crit = scipy.stats.t.ppf(1 - alpha / 2, df)
-    nc = abs(effect) / sd_diff * math.sqrt(n)  # power is symmetric in the sign of the effect
-    upper = scipy.stats.nct.sf(crit, df, nc)
-    # scipy's nct.cdf returns NaN far in the tail (large nc, few df: n=4, alpha=0.0125 hit it);
-    # that tail is then below 1e-12, so it counts as 0
-    lower = scipy.stats.nct.cdf(-crit, df, nc)
-    lower = float(lower) if np.isfinite(lower) else 0.0
-    upper = float(upper) if np.isfinite(upper) else 1.0
-    return min(1.0, upper + lower)
-
-
-def min_detectable_effect(sd_diff: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Smallest true mean paired difference a two-sided paired t-test detects with ``power``.
-
-    Solves paired_t_power(delta) = power on the exact noncentral t distribution (the normal
-    approximation (z_{1-a/2} + z_power) sd / sqrt(n) is ~11% too optimistic at n = 10).
-
-    Args:
-        sd_diff: sd of the paired differences (> 0), e.g. from a pilot or the study itself.
-        n: number of paired seeds (>= 2).
-        alpha: two-sided significance level (use alpha / m for a Holm family of m as a bound).
-        power: target power in (alpha, 1).
-
-    Returns:
-        The minimum detectable effect, in the units of sd_diff (d_z = 1 means one sd_diff).
-    """
-    n, alpha = _check_power_args(n, alpha)
-    if not (np.isfinite(sd_diff) and sd_diff > 0):
-        raise ValueError(f"sd_diff must be finite and > 0, got {sd_diff!r}")
-    if not (isinstance(power, (int, float, np.floating)) and alpha < power < 1):
-        raise ValueError(f"power must lie in (alpha, 1) = ({alpha}, 1), got {power!r}")
-
-    def gap(dz: float) -> float:
-        return paired_t_power(dz, 1.0, n, alpha) - power
-
-    high = 1.0
-    while gap(high) < 0:  # power rises monotonically in d_z; bracket the root
-        high *= 2.0
-    return float(brentq(gap, 0.0, high, xtol=1e-10)) * float(sd_diff)
