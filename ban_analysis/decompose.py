@@ -9,7 +9,7 @@ coordinate per sample (the label * by default):
 Summed over the batch the target part reads like label cross-entropy whose per-sample gradient
 is scaled by the teacher's confidence p_{*,s} (eqs. 8-9). :func:`split_logit_grad` splits any
 objective's ``logit_grad``; :func:`per_sample_stats` gives the per-sample quantities around it.
-Parameter-level splits live in ``ban_analysis.param_grads``.
+Head- and parameter-level splits live in ``ban_analysis.param_grads`` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -173,3 +173,17 @@ def per_sample_stats(
         )
     stats["sample_weight"] = out.sample_weight.detach().float() * B
     return {k: stats[k] for k in STAT_KEYS}
+
+
+# The head and parameter levels of the split, from param_grads (DESIGN.md: decompose holds all three).
+from ban_analysis.param_grads import (  # noqa: E402
+    contribution_stats,
+    exact_stats,
+    head_stats,
+    term_batch_grads,
+    update_share_stats,
+    vmap_stats,
+)
+
+__all__ += ["term_batch_grads", "update_share_stats", "head_stats", "contribution_stats", "exact_stats",
+            "vmap_stats"]
