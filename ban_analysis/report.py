@@ -181,6 +181,15 @@ def _comparison_table(rows: pd.DataFrame) -> pd.DataFrame:
         "verdict": rows["verdict"]})
 
 
+def _epoch_mean_table(rows: pd.DataFrame, column: str, label: str, signed: bool) -> pd.DataFrame:
+    """A hook summary (objective, epoch, n, ``column``, ci_low, ci_high) as a table, 3 decimals."""
+    return pd.DataFrame({
+        "objective": rows["objective"], "epoch": rows["epoch"], "n": rows["n"],
+        label: [_num(x, 3, signed) for x in rows[column]],
+        "95% CI": [_ci(lo, hi, signed, 3) for lo, hi in zip(rows["ci_low"], rows["ci_high"])],
+    })
+
+
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "ban_analysis": ban_analysis.__version__}
     for name in SOFTWARE:
@@ -243,9 +252,7 @@ def _hook_sections(doc: _Doc, study: A.Study, fig, stats: dict, seed: int) -> No
         stats["hooks"]["update_share"] = summary
         doc.p("Share of the whole-network update carried by the dark-knowledge term (update_share hook), mean over "
               "seeds with a 95% t-interval across seeds, in the first and last logged epoch (generation 1).")
-        doc.table(pd.DataFrame({"objective": summary["objective"], "epoch": summary["epoch"],
-                                "n": summary["n"], "dark share": [_num(x, 3) for x in summary["share_dark"]],
-                                "95% CI": [_ci(lo, hi, False, 3) for lo, hi in zip(summary["ci_low"], summary["ci_high"])]}))
+        doc.table(_epoch_mean_table(summary, "share_dark", "dark share", signed=False))
         fig("update_share", lambda: F.update_share_over_training(share, seed=seed),
                      "Share of the update carried by the target and dark terms over training; bands: 95% CI across seeds.")
     terms = A.term_sizes(study, rng=np.random.default_rng(seed))
@@ -263,9 +270,7 @@ def _hook_sections(doc: _Doc, study: A.Study, fig, stats: dict, seed: int) -> No
         last = summary.loc[summary.groupby("objective", sort=False)["epoch"].idxmax()]
         doc.p("Per-sample cosine between the target and dark terms' parameter gradients (param_split, sampled), "
               "last logged epoch, mean over seeds with a 95% t-interval:")
-        doc.table(pd.DataFrame({"objective": last["objective"], "epoch": last["epoch"], "n": last["n"],
-                                "cosine": [_num(x, 3, True) for x in last["mean"]],
-                                "95% CI": [_ci(lo, hi, True, 3) for lo, hi in zip(last["ci_low"], last["ci_high"])]}))
+        doc.table(_epoch_mean_table(last, "mean", "cosine", signed=True))
         fig("param_cosine", lambda: F.param_cosine_over_epochs(cos, seed=seed),
                      "Per-sample cosine between the two terms' parameter gradients by epoch; bands: 95% CI across seeds.")
     fix = A.fixes(study)
