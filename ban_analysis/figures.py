@@ -55,8 +55,15 @@ def accuracy_by_objective(results: pd.DataFrame, metric: str = "test_acc", *, se
     fig = Figure(figsize=(1.3 * len(order) + 2.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
     hue_order = sorted(data["gen"].unique(), key=int)
-    sns.stripplot(data=data, x="objective", y="value", hue="gen", order=order, hue_order=hue_order,
-                  dodge=True, alpha=0.45, size=4, jitter=0.15, ax=ax, legend=False)
+    # seaborn draws strip jitter from numpy's global RNG: seed it for this call only and put
+    # the caller's state back, so the same data always gives the same figure
+    state = np.random.get_state()
+    np.random.seed(0)
+    try:
+        sns.stripplot(data=data, x="objective", y="value", hue="gen", order=order, hue_order=hue_order,
+                      dodge=True, alpha=0.45, size=4, jitter=0.15, ax=ax, legend=False)
+    finally:
+        np.random.set_state(state)
     sns.pointplot(data=data, x="objective", y="value", hue="gen", order=order, hue_order=hue_order,
                   dodge=0.55, linestyle="none", errorbar=("ci", 95), seed=seed, markers="D",
                   capsize=0.08, ax=ax)

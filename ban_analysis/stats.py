@@ -414,7 +414,7 @@ def gain_fraction(probe_gain, ref_gain, rng: np.random.Generator, confidence: fl
         logger.info("gain_fraction: CI of mean(ref_gain) [%g, %g] contains 0; ratio CI is unbounded",
                     ref_low, ref_high)
         return GainFraction(estimate, -math.inf, math.inf)
-    if np.ptp(probe / ref) == 0:  # constant ratio: every joint resample gives the same value
+    if np.all(ref != 0) and np.ptp(probe / ref) == 0:  # constant ratio: every resample gives it
         return GainFraction(estimate, estimate, estimate)
     low, high, method = _bootstrap_ci((probe, ref), _ratio_of_means, rng, confidence, n_boot,
                                       paired=True)

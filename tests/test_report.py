@@ -170,6 +170,19 @@ def test_null_study_is_equivalent_or_inconclusive_by_the_rules(tmp_path, noise_s
     undefined = "BAN itself shows no detectable gain over its teacher, so the fraction is undefined"
     assert set(att.fractions["verdict"]) == {undefined}
     assert att.answer["headline"].startswith("There is no gain to explain")
+    how = {"equivalent": "are equivalent to their teachers within the margin",
+           "inconclusive": "show no detectable gain over their teachers"}[ban["verdict_kind"]]
+    assert f"BAN's students {how} (" in att.answer["headline"]
+
+
+def test_headline_says_worse_when_ban_is_worse(tmp_path):
+    """A BAN student significantly below its teacher is called worse, not 'no detectable gain'."""
+    effects = {**NULL_EFFECTS, "ban": -0.6}
+    root = write_synthetic_study(tmp_path, effects=effects, noise_sd=0.1, hooks=False, seed=3)
+    att = A.attribute(A.load_study(root), n_boot=2000)
+    ban = next(r for r in att.comparisons.to_dict("records") if r["comparison"] == "BAN vs teacher")
+    assert ban["verdict_kind"] == "worse"
+    assert att.answer["headline"].startswith("There is no gain to explain: BAN's students are worse than their teachers (-0.")
 
 
 def test_verdict_rules_on_hand_made_rows():

@@ -294,7 +294,11 @@ def answer_question(comparisons: pd.DataFrame, fractions: pd.DataFrame) -> dict:
     if not per_probe:
         headline = "The question cannot be answered: neither CWTM nor DKPP is in this study."
     elif ban["verdict_kind"] != "improves":
-        headline = ("There is no gain to explain: BAN's students show no detectable gain over their teachers "
+        # the wording follows the BAN-vs-teacher verdict: "worse" is said as such, not as "no gain"
+        how = {"worse": "are worse than their teachers",
+               "equivalent": "are equivalent to their teachers within the margin"}.get(
+            ban["verdict_kind"], "show no detectable gain over their teachers")
+        headline = (f"There is no gain to explain: BAN's students {how} "
                     f"({_fmt(ban['mean_diff'], signed=True)} points, 95% CI [{_fmt(ban['ci_low'], signed=True)}, "
                     f"{_fmt(ban['ci_high'], signed=True)}]), so neither CWTM weighting nor DKPP permutation "
                     "can be said to explain it.")
