@@ -15,6 +15,14 @@ from pathlib import Path
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
+def _emit(text: str, stream=None) -> None:
+    """The command's own output (tables, paths) on stdout, errors on stderr; progress and
+    diagnostics go through ``logging``. The CLI is the one module that writes to the terminal."""
+    stream = stream or sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
+
+
 def _hooks_override(table: dict, hooks: str | None) -> dict:
     """``--hooks a,b`` keeps those hooks (with their config options if any); ``--hooks none`` drops all."""
     if hooks is None:
@@ -51,8 +59,8 @@ def cmd_run(args) -> int:
     cfg = config_from_dict(table, args.set)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     summary = run_chain(cfg, out, device=args.device, progress=not args.quiet)
-    print(_format_table(summary))
-    print(f"run folder: {out}")
+    _emit(_format_table(summary))
+    _emit(f"run folder: {out}")
     return 0
 
 
@@ -66,7 +74,7 @@ def cmd_show(args) -> int:
         gens = sorted(p.name for p in run.path.glob("gen-*"))
         raise RunFolderError(f"{run.path} is not finished yet (has {', '.join(gens) or 'no generations'}); "
                              "rerun its command to resume")
-    print(_format_table(run.summary()))
+    _emit(_format_table(run.summary()))
     return 0
 
 
@@ -76,7 +84,7 @@ def cmd_study(args) -> int:
     results = run_study(args.config, args.out, executor=args.executor, address=args.address,
                         workers=args.workers, device=args.device, overrides=args.set,
                         progress=not args.quiet)
-    print(f"{len(results)} result rows in {Path(args.out) / 'results.csv'}")
+    _emit(f"{len(results)} result rows in {Path(args.out) / 'results.csv'}")
     return 0
 
 
@@ -84,7 +92,7 @@ def cmd_report(args) -> int:
     from ban_analysis.report import write_report
 
     path = write_report(args.study_dir, command=" ".join(["ban-analysis"] + sys.argv[1:]))
-    print(f"report: {path}")
+    _emit(f"report: {path}")
     return 0
 
 
@@ -136,16 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         if args.debug:
             raise
-        print(f"ban-analysis: training stopped: {err}", file=sys.stderr)
+        _emit(f"ban-analysis: training stopped: {err}", sys.stderr)
         return EXIT_DIVERGED
     except KeyboardInterrupt:
-        print("ban-analysis: interrupted; rerun the same command to resume", file=sys.stderr)
+        _emit("ban-analysis: interrupted; rerun the same command to resume", sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, json.JSONDecodeError) as err:
         if args.debug:
             raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"ban-analysis: error: {message}", file=sys.stderr)
+        _emit(f"ban-analysis: error: {message}", sys.stderr)
         return EXIT_USAGE
 
 
