@@ -332,10 +332,12 @@ def _load_model(state: dict, bundle: DatasetBundle, device: torch.device) -> nn.
     return model.to(device)
 
 
-def _gen_complete(run: RunDir, gen: int) -> bool:
+def _completed_state(run: RunDir, gen: int) -> dict | None:
+    """The checkpoint of a finished generation (loaded once, reused as the next teacher), else None."""
     if not run.checkpoint_path(gen).exists() or not (run.gen_dir(gen) / "test_logits.npy").exists():
-        return False
-    return bool(run.load_checkpoint(gen).get("complete", False))
+        return None
+    state = run.load_checkpoint(gen)
+    return state if state.get("complete", False) else None
 
 
 def _import_teacher(cfg: RunConfig, run: RunDir, bundle: DatasetBundle, device: torch.device) -> nn.Module:
@@ -350,7 +352,8 @@ def _import_teacher(cfg: RunConfig, run: RunDir, bundle: DatasetBundle, device: 
     run.save_checkpoint(0, state)
     if "metrics" in state:
         run.write_metrics(0, state["metrics"])
-    run.update_manifest(generations={"0": {"source_checkpoint": str(cfg.teacher.checkpoint),
+    run.update_manifest(generations={"0": {"arch": state["arch"],
+                                           "source_checkpoint": str(cfg.teacher.checkpoint),
                                            "source_sha256": sha256_file(cfg.teacher.checkpoint)}})
     return model
 
@@ -395,8 +398,8 @@ def run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen:
     teacher = None
     for gen in range(last_gen + 1):
         arch, params = arch_for_gen(cfg, gen)
-        if _gen_complete(run, gen):
-            state = run.load_checkpoint(gen)
+        state = _completed_state(run, gen)
+        if state is not None:
             teacher = freeze(_load_model(state, bundle, torch_device))
             continue
         if gen == 0 and cfg.teacher.checkpoint:
@@ -439,15 +442,17 @@ def summarize(run: RunDir, cfg: RunConfig) -> dict:
 
     test_targets = np.load(run.path / "test_targets.npy")
     val_targets = np.load(run.path / "val_targets.npy")
+    manifest_gens = run.manifest().get("generations", {})
     generations, test_logits = [], {}
     for gen in range(cfg.ban.generations + 1):
         test_logits[gen] = run.load_logits(gen, "test")
         val_logits = run.load_logits(gen, "val")
-        state = run.load_checkpoint(gen)
+        # the arch is in the manifest; reading it there spares loading every checkpoint
+        arch = manifest_gens.get(str(gen), {}).get("arch") or run.load_checkpoint(gen)["arch"]
         val_acc = float((val_logits.argmax(1) == val_targets).mean()) if len(val_targets) else None
         m = logit_metrics(test_logits[gen], test_targets)
         objective = "ce" if gen == 0 else cfg.ban.objective
-        generations.append({"gen": gen, "objective": objective, "arch": state["arch"],
+        generations.append({"gen": gen, "objective": objective, "arch": arch,
                             "val_acc": _finite_or_none(val_acc), "test_acc": m["acc"],
                             "test_nll": m["nll"], "test_ece": m["ece"]})
     ensembles = []

@@ -5,7 +5,7 @@ Reads only files written by ``ban-analysis study`` (spec sections 7, 8, 10); nev
     from ban_analysis.analysis import load_study, attribute
     study = load_study("studies/fmnist")
     result = attribute(study)
-    print(result.answer["headline"])
+    headline = result.answer["headline"]
 """
 
 from ban_analysis.analysis.attribution import (
