@@ -2,7 +2,7 @@
 
 Reads a study folder (written by `ban-analysis study`), runs the library's attribution analysis,
 and prints the rule-derived answer with the comparisons it rests on. All logic lives in
-ban_analysis.analysis; this script only chooses what to show.
+ban_analysis.report; this script only chooses what to show.
 
     python analysis/dark_knowledge_vs_confidence.py STUDY_DIR [--out answer.json] [--seed 0]
 """
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from ban_analysis.analysis import attribute, load_study
+from ban_analysis.report import attribute, load_study
 from ban_analysis.report import to_jsonable
 
 QUESTION = "Does CWTM weighting or DKPP permutation explain the students' gains over their teachers?"

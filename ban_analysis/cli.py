@@ -53,7 +53,7 @@ def _format_table(summary: dict) -> str:
 
 def cmd_run(args) -> int:
     from ban_analysis.config import config_from_dict, read_toml
-    from ban_analysis.train import run_chain
+    from ban_analysis.engine.chain import run_chain
 
     table = _hooks_override(read_toml(args.config), args.hooks)
     cfg = config_from_dict(table, args.set)
@@ -65,7 +65,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from ban_analysis.runs import RunDir, RunFolderError
+    from ban_analysis.engine.runs import RunDir, RunFolderError
 
     run = RunDir(args.run_dir)
     if not (run.path / "config.json").exists():
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from ban_analysis.train import TrainingDiverged
+    from ban_analysis.engine.step import TrainingDiverged
 
     try:
         return args.func(args)

@@ -15,7 +15,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Mapping, get_args, get_origin, get_type_hints
 
 
 class ConfigError(ValueError):
@@ -31,14 +31,37 @@ def _one_of(*values):
     return _check("one of " + ", ".join(repr(v) for v in values), lambda v: v in values)
 
 
+class _Validated:
+    """``__post_init__`` checks every field's type and range, so a config built in Python
+    (``TrainConfig(epochs=0)``) fails as a TOML one does, with the same message."""
+
+    _section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            key = f"{self._section}.{f.name}" if self._section else f.name
+            value, tp = getattr(self, f.name), hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                if not isinstance(value, tp):
+                    raise ConfigError(f"{key}: expected a {tp.__name__}, got {type(value).__name__}")
+                continue
+            value = _coerce(value, tp, key)
+            if "check" in f.metadata and not f.metadata["check"](value):
+                raise ConfigError(f"{key}: {value!r} is out of range; allowed: {f.metadata['allowed']}")
+            object.__setattr__(self, f.name, value)  # ints given for floats become floats
+
+
 _POSITIVE = _check("an integer >= 1", lambda v: v >= 1)
 _NON_NEGATIVE = _check(">= 0", lambda v: v >= 0)
 _FRACTION = _check("a number in [0, 1]", lambda v: 0 <= v <= 1)
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Validated):
     """Which dataset and how it is split and augmented (see ban_analysis.data)."""
+
+    _section: ClassVar[str] = "data"
 
     name: str = "fashion_mnist"
     root: str = ""  # "" -> $BAN_DATA, then torchvision downloads into cache_dir
@@ -52,14 +75,17 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Validated):
+    _section: ClassVar[str] = "model"
     arch: str = "mlp"
     params: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class TeacherConfig:
+class TeacherConfig(_Validated):
     """Generation 0. Empty arch = the students' architecture; a checkpoint skips training it."""
+
+    _section: ClassVar[str] = "teacher"
 
     arch: str = ""
     params: dict = field(default_factory=dict)
@@ -67,8 +93,10 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Validated):
     """Optimisation, per generation. Defaults follow the WRN recipe the paper uses."""
+
+    _section: ClassVar[str] = "train"
 
     epochs: int = field(default=15, metadata=_POSITIVE)
     batch_size: int = field(default=128, metadata=_POSITIVE)
@@ -93,8 +121,10 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class BanConfig:
+class BanConfig(_Validated):
     """The chain: generations 1..K of students, each taught by the previous generation."""
+
+    _section: ClassVar[str] = "ban"
 
     generations: int = field(default=2, metadata=_NON_NEGATIVE)
     objective: str = "ban"
@@ -103,14 +133,15 @@ class BanConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Validated):
+    _section: ClassVar[str] = ""
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ban: BanConfig = field(default_factory=BanConfig)
-    hooks: dict = field(default_factory=dict)  # hook name -> options table (ban_analysis.hooks)
+    hooks: dict = field(default_factory=dict)  # hook name -> options table (ban_analysis.instrument.hooks)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,7 +178,12 @@ def _coerce(value: Any, tp, key: str):
     return copy.deepcopy(value) if tp is dict else value
 
 
-def _build(cls, table: Mapping[str, Any], prefix: str):
+def build_section(cls, table: Mapping[str, Any], prefix: str = ""):
+    """A config dataclass ``cls`` from a TOML table, every key checked; ``prefix`` names the section in errors.
+
+    No cross-field or registry checks (those are :func:`validate_semantics`): a study plans run
+    configs whose teacher checkpoint does not exist yet.
+    """
     if not isinstance(table, Mapping):
         raise ConfigError(f"{prefix or 'config'}: expected a table, got {table!r}")
     hints = get_type_hints(cls)
@@ -162,7 +198,7 @@ def _build(cls, table: Mapping[str, Any], prefix: str):
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key)
+            kwargs[name] = build_section(tp, value, key)
             continue
         value = _coerce(value, tp, key)
         meta = known[name].metadata
@@ -172,7 +208,7 @@ def _build(cls, table: Mapping[str, Any], prefix: str):
     return cls(**kwargs)
 
 
-def _set_override(table: dict, assignment: str) -> None:
+def apply_override(table: dict, assignment: str) -> None:
     """Apply one ``a.b.c=value`` override (value parsed as TOML, bare words as strings)."""
     key, sep, raw = assignment.partition("=")
     key = key.strip()
@@ -206,7 +242,7 @@ def validate_semantics(cfg: RunConfig) -> None:
     if cfg.teacher.checkpoint and not Path(cfg.teacher.checkpoint).is_file():
         raise ConfigError(f"teacher.checkpoint: no such file {cfg.teacher.checkpoint!r}")
     if cfg.hooks:
-        from ban_analysis.hooks import HookRunner
+        from ban_analysis.instrument.hooks import HookRunner
 
         try:
             # the real training indices are known only once the data is loaded (train.py);
@@ -219,8 +255,8 @@ def validate_semantics(cfg: RunConfig) -> None:
 def config_from_dict(table: Mapping[str, Any], overrides: list[str] | None = None) -> RunConfig:
     table = copy.deepcopy(dict(table))
     for assignment in overrides or []:
-        _set_override(table, assignment)
-    cfg = _build(RunConfig, table, "")
+        apply_override(table, assignment)
+    cfg = build_section(RunConfig, table, "")
     validate_semantics(cfg)
     return cfg
 

@@ -32,8 +32,8 @@ import time
 
 import torch
 
-from ban_analysis import param_grads as pg
-from ban_analysis.hooks import HookRunner, StepContext
+from ban_analysis.instrument import param_grads as pg
+from ban_analysis.instrument.hooks import HookRunner, StepContext
 from ban_analysis.losses import get_objective
 from ban_analysis.models import create_model
 
@@ -196,7 +196,7 @@ def parquet_size(n_samples=55_000, batch=128):
     import numpy as np
     import pandas as pd
 
-    from ban_analysis.decompose import per_sample_stats
+    from ban_analysis.instrument.decompose import per_sample_stats
 
     g = torch.Generator().manual_seed(0)
     blocks = {"logit_split": [], "head_split": []}

@@ -1,6 +1,6 @@
 """Training throughput of the engine: CE step vs BAN step (same-size teacher), img/s.
 
-Times whole epochs of ``ban_analysis.train.train_generation`` (data path, forward, objective,
+Times whole epochs of ``ban_analysis.engine.loop.train_generation`` (data path, forward, objective,
 backward, SGD step; no evaluation is timed), so it measures what a run pays. The BAN step adds
 the teacher: with ``augment = "none"`` its logits are computed once per generation (counted
 here, amortised over the epochs), with augmentation it runs a forward per step in eval mode.
@@ -27,8 +27,9 @@ import torch
 from ban_analysis.config import TrainConfig
 from ban_analysis.data import load_dataset
 from ban_analysis.losses import get_objective
-from ban_analysis.train import build_model, freeze
-from ban_analysis.train import train_generation
+from ban_analysis.engine.chain import freeze
+from ban_analysis.engine.loop import build_model
+from ban_analysis.engine.loop import train_generation
 
 SETTINGS = {
     # name: (dataset, train_subset, arch, params, augment)
@@ -64,7 +65,7 @@ def time_generation(bundle, arch, params, objective_name, teacher, epochs, augme
                                                                   index=bundle.test.index[:0]))
     runner = None
     if hooks:
-        from ban_analysis.hooks import HookRunner
+        from ban_analysis.instrument.hooks import HookRunner
 
         runner = HookRunner(hooks, seed=0, train_size=len(bundle.train.index), train_index=bundle.train.index,
                             fuse_backward=True)

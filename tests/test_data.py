@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import ban_analysis.imagefolder as imagefolder
+import ban_analysis.data.imagefolder as imagefolder
 from ban_analysis.data import (
     AUGMENTATIONS,
     DATASETS,

@@ -1,4 +1,4 @@
-"""Tests of ban_analysis.decompose: the logit-level split and the per-sample statistics.
+"""Tests of ban_analysis.instrument.decompose: the logit-level split and the per-sample statistics.
 
 Statistics are checked against numpy/scipy computations from the raw logits, not against the
 library's own softmax.
@@ -14,7 +14,7 @@ import torch
 from scipy.special import log_softmax as np_log_softmax
 from scipy.stats import entropy as np_entropy
 
-from ban_analysis.decompose import STAT_KEYS, per_sample_stats, split_logit_grad
+from ban_analysis.instrument.decompose import STAT_KEYS, per_sample_stats, split_logit_grad
 from ban_analysis.losses import OBJECTIVES, get_objective
 from tests.conftest import make_batch
 

@@ -18,8 +18,8 @@ from matplotlib.figure import Figure  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_study import write_synthetic_study  # noqa: E402
 
-from ban_analysis import analysis as A  # noqa: E402
-from ban_analysis import figures as F  # noqa: E402
+from ban_analysis import report as A  # noqa: E402
+from ban_analysis.report import figures as F  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from ban_analysis.hooks import HOOKS, HookRunner, StepContext
+from ban_analysis.instrument.hooks import HOOKS, HookRunner, StepContext
 from ban_analysis.losses import OBJECTIVES, get_objective
 
 B, C = 12, 5

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from ban_analysis import param_grads as pg
+from ban_analysis.instrument import param_grads as pg
 from ban_analysis.losses import get_objective
 
 DT = torch.float64

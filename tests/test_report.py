@@ -19,7 +19,7 @@ import scipy.stats  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_study import NULL_EFFECTS, PLANTED_EFFECTS, write_synthetic_study  # noqa: E402
 
-from ban_analysis import analysis as A  # noqa: E402
+from ban_analysis import report as A  # noqa: E402
 from ban_analysis.report import write_report  # noqa: E402
 
 COMMAND = "ban-analysis report STUDY"

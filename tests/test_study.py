@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ban_analysis.config import ConfigError
-from ban_analysis.runs import RunDir, load_checkpoint_file
+from ban_analysis.engine.runs import RunDir, load_checkpoint_file
 from ban_analysis.study import RESULT_COLUMNS, collect_results, run_study, study_from_dict
 from tests.conftest import tiny_config
 from tests.test_cli import _toml
@@ -30,7 +30,7 @@ def test_local_study_is_paired_and_complete(tmp_path, tiny_root):
     out = tmp_path / "study"
     rows = run_study(_study_file(tmp_path, tiny_root), out, progress=False)
     frame = pd.read_csv(out / "results.csv")
-    assert list(frame.columns) == RESULT_COLUMNS and len(frame) == len(rows)
+    assert list(frame.columns) == list(RESULT_COLUMNS) and len(frame) == len(rows)
     # per seed: teacher gen 0, ce gen 1, ban gens 1-2 + ensemble 1+2, dkpp gen 1
     per_seed = frame[frame.seed == 0].sort_values(["objective", "gen", "kind"])
     assert list(zip(per_seed.objective, per_seed.gen, per_seed.kind, per_seed.members.astype(str))) == [
@@ -115,4 +115,4 @@ def test_collect_results_skips_unfinished_runs(tmp_path):
     (tmp_path / "runs" / "seed-0" / "ban").mkdir(parents=True)
     assert collect_results(tmp_path) == []
     assert (tmp_path / "results.csv").read_text().strip() == ",".join(RESULT_COLUMNS)
-    assert json.loads(json.dumps(RESULT_COLUMNS))[0] == "seed"
+    assert json.loads(json.dumps(list(RESULT_COLUMNS)))[0] == "seed"

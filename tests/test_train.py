@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from ban_analysis import train as train_mod
+from ban_analysis.engine import chain as train_mod
 from ban_analysis.config import config_from_dict
-from ban_analysis.runs import RunDir, RunFolderError, load_checkpoint_file
-from ban_analysis.train import TrainingDiverged, derive_seed, lr_at, run_chain
+from ban_analysis.engine.runs import RunDir, RunFolderError, load_checkpoint_file
+from ban_analysis.engine.chain import run_chain
+from ban_analysis.engine.loop import derive_seed, lr_at
+from ban_analysis.engine.step import TrainingDiverged
 from tests.conftest import real_data_root, requires_real_data, tiny_config
 
 

@@ -18,6 +18,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
+from ban_analysis.registry import Registry
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -211,7 +213,7 @@ class Objective:
         raise NotImplementedError
 
 
-OBJECTIVES: dict[str, Callable[..., Objective]] = {}
+OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 
 
 def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:
@@ -222,10 +224,8 @@ def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]
     """
 
     def decorate(cls: type[Objective]) -> type[Objective]:
-        if name in OBJECTIVES:
-            raise ValueError(f"objective {name!r} is already registered")
+        OBJECTIVES.register(name, cls)  # refuses an empty or duplicate name
         cls.name = name
-        OBJECTIVES[name] = cls
         return cls
 
     return decorate

@@ -10,6 +10,10 @@ whose final ``nn.Linear`` is reachable by :func:`head_of`. Registering is one de
 ``test_input_shape`` is the documented (C, H, W) at which the test suite runs every registered
 model (forward + backward); keep it small for big networks.
 
+Models do no in-place operations on activations (no ``nn.ReLU(inplace=True)``, no ``x += y``
+on a tensor autograd needs), for hook-based per-sample-gradient tools (Opacus, BackPACK) and
+``torch.func``; the tests check every registered model for it at the aten-op level.
+
 Registered (see each module's docstring for the architecture):
 
 =================================  ============================================================
@@ -31,9 +35,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ban_analysis.registry import Registry
+
 logger = logging.getLogger(__name__)
 
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
 def register_model(name: str | None = None, *, test_input_shape: tuple[int, int, int] = (3, 32, 32)):
@@ -50,10 +56,8 @@ def register_model(name: str | None = None, *, test_input_shape: tuple[int, int,
 
     def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         key = name or factory.__name__
-        if key in MODELS:
-            raise ValueError(f"model {key!r} is already registered")
+        MODELS.register(key, factory)  # refuses an empty or duplicate name
         factory.test_input_shape = tuple(test_input_shape)
-        MODELS[key] = factory
         return factory
 
     return decorate

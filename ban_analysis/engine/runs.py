@@ -1,15 +1,6 @@
 """The run folder: the only thing analysis reads.
 
-Layout (a contract; analysis and studies rely on it)::
-
-    <run>/config.json            the resolved RunConfig
-    <run>/manifest.json          seed, git commit, versions, device, times, parent checkpoint sha256 per gen
-    <run>/summary.json           per-generation and ensemble test metrics (fractions in [0, 1])
-    <run>/test_targets.npy, val_targets.npy   int64 labels (ensembles and analysis need them)
-    <run>/gen-<k>/checkpoint.pt  model + optimizer + RNG state, written atomically
-    <run>/gen-<k>/metrics.csv    epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds
-    <run>/gen-<k>/test_logits.npy, val_logits.npy   float32 (N, C)
-    <run>/gen-<k>/hooks/<hook>/epoch-<e>.parquet    what the hooks returned, one file per epoch
+The layout itself (every path and column) is :mod:`ban_analysis.layout`; this module writes it.
 
 Every file is written to a temporary name and renamed into place, so a kill at any moment
 leaves either the old file or the new one, never half of one.
@@ -33,9 +24,10 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from ban_analysis.layout import METRIC_COLUMNS, OPTIONAL_METRIC_COLUMNS, RunLayout
+
 logger = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
 
 class RunFolderError(ValueError):
@@ -119,6 +111,7 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.layout = RunLayout(self.path)
 
     # ---- config and manifest -------------------------------------------------------------
     def check_config(self, config: Mapping[str, Any]) -> bool:
@@ -127,7 +120,7 @@ class RunDir:
         Raises RunFolderError for a folder with another config or foreign content. Writes nothing,
         so a run that fails before training (missing data, say) leaves no half-made folder.
         """
-        cfg_path = self.path / "config.json"
+        cfg_path = self.layout.config
         if cfg_path.exists():
             diff = _diff_keys(read_json(cfg_path), json.loads(json.dumps(config)))
             if diff:
@@ -145,14 +138,11 @@ class RunDir:
         if self.check_config(config):
             return True
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path / "config.json", json.loads(json.dumps(config)))
+        atomic_write_json(self.layout.config, json.loads(json.dumps(config)))
         return False
 
-    def config(self) -> dict:
-        return read_json(self.path / "config.json")
-
     def manifest(self) -> dict:
-        path = self.path / "manifest.json"
+        path = self.layout.manifest
         return read_json(path) if path.exists() else {}
 
     def update_manifest(self, **fields_: Any) -> dict:
@@ -162,7 +152,7 @@ class RunDir:
                 manifest[key] = {**manifest[key], **value}
             else:
                 manifest[key] = value
-        atomic_write_json(self.path / "manifest.json", manifest)
+        atomic_write_json(self.layout.manifest, manifest)
         return manifest
 
     def start_manifest(self, seed: int, device: str) -> None:
@@ -177,10 +167,10 @@ class RunDir:
 
     # ---- generations -----------------------------------------------------------------------
     def gen_dir(self, gen: int) -> Path:
-        return self.path / f"gen-{gen}"
+        return self.layout.gen_dir(gen)
 
     def checkpoint_path(self, gen: int) -> Path:
-        return self.gen_dir(gen) / "checkpoint.pt"
+        return self.layout.checkpoint(gen)
 
     def save_checkpoint(self, gen: int, state: dict) -> None:
         buf = io.BytesIO()
@@ -193,34 +183,36 @@ class RunDir:
 
     def write_metrics(self, gen: int, rows: list[dict]) -> None:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+        # the fixed columns always; an optional column only when every row has it
+        columns = list(METRIC_COLUMNS) + [c for c in OPTIONAL_METRIC_COLUMNS if rows and all(c in r for r in rows)]
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: row[k] for k in METRIC_COLUMNS})
-        atomic_write_bytes(self.gen_dir(gen) / "metrics.csv", buf.getvalue().encode())
+            writer.writerow({k: row[k] for k in columns})
+        atomic_write_bytes(self.layout.metrics(gen), buf.getvalue().encode())
 
     def save_logits(self, gen: int, split: str, logits: torch.Tensor) -> None:
-        atomic_save_npy(self.gen_dir(gen) / f"{split}_logits.npy",
+        atomic_save_npy(self.layout.logits(gen, split),
                         logits.detach().float().cpu().numpy())
 
     def load_logits(self, gen: int, split: str = "test") -> np.ndarray:
-        path = self.gen_dir(gen) / f"{split}_logits.npy"
+        path = self.layout.logits(gen, split)
         if not path.exists():
             raise RunFolderError(f"{path} is missing")
         return np.load(path)
 
     def write_summary(self, summary: dict) -> None:
-        atomic_write_json(self.path / "summary.json", summary)
+        atomic_write_json(self.layout.summary, summary)
 
     def summary(self) -> dict:
-        return read_json(self.path / "summary.json")
+        return read_json(self.layout.summary)
 
     def is_complete(self) -> bool:
-        return (self.path / "summary.json").exists() and "finished" in self.manifest()
+        return self.layout.summary.exists() and "finished" in self.manifest()
 
     # ---- hook output -------------------------------------------------------------------------
     def hook_file(self, gen: int, hook: str, epoch: int) -> Path:
-        return self.gen_dir(gen) / "hooks" / hook / f"epoch-{epoch}.parquet"
+        return self.layout.hook_file(gen, hook, epoch)
 
 
 def load_checkpoint_file(path: Path) -> dict:
@@ -275,5 +267,3 @@ class HookWriter:
             atomic_write_bytes(self.run.hook_file(self.gen, hook, epoch), buf.getvalue())
         self._buffers.clear()
 
-    def discard(self) -> None:
-        self._buffers.clear()

@@ -3,7 +3,7 @@
 Every dataset this project uses fits in memory as uint8 (CIFAR-100: 150 MB; ImageWang-64:
 230 MB), so it is decoded once into a ``(N, C, H, W)`` uint8 tensor on the training device and
 batches are cut, cropped, flipped and normalised there, vectorised over the batch (the airbench
-recipe; :func:`iterate_batches`, implemented in :mod:`ban_analysis.batches`).
+recipe; :func:`iterate_batches`, implemented in :mod:`ban_analysis.data.batches`).
 ``benchmarks/bench_data.py`` measures this against a torchvision ``Dataset`` + transforms +
 ``DataLoader``.
 
@@ -12,7 +12,7 @@ Where a dataset comes from (``load_dataset``), in this order:
 1. ``root`` if given, else the ``BAN_DATA`` environment variable, is searched for
    ``<name>.npz`` (arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``; images uint8 NHW or
    NHWC; the format of the project's offline data folder), then for an image folder ``<name>``
-   or ``<name>-<size>`` (``imagewang-64``; see :mod:`ban_analysis.imagefolder`). With several
+   or ``<name>-<size>`` (``imagewang-64``; see :mod:`ban_analysis.data.imagefolder`). With several
    ``<name>-<size>`` folders, the one whose size equals ``image_size`` wins, else the smallest
    size >= ``image_size``, else the largest.
 2. ``cifar10``, ``cifar100``, ``mnist``, ``fashion_mnist`` only: torchvision's dataset class with
@@ -54,13 +54,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ban_analysis.batches import AUGMENTATIONS, check_int, iterate_batches, random_crop, random_flip
-from ban_analysis.imagefolder import is_image_folder, load_image_folder, size_from_folder_name
+from ban_analysis.data.batches import AUGMENTATIONS, Split, check_int, iterate_batches, random_crop, random_flip
+from ban_analysis.registry import Registry
+from ban_analysis.data.imagefolder import is_image_folder, load_image_folder, size_from_folder_name
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "AUGMENTATIONS", "DATASETS", "DatasetBundle", "DatasetNotFoundError", "DatasetSpec", "Split",
+    "AUGMENTATIONS", "DATASETS", "DIGITS_TEST_SEED", "DatasetBundle", "DatasetNotFoundError", "DatasetSpec", "Split",
     "channel_stats", "default_cache_dir", "iterate_batches", "load_dataset", "random_crop",
     "random_flip", "stratified_pick",
 ]
@@ -88,50 +89,23 @@ class DatasetSpec:
     description: str
 
 
-DATASETS: dict[str, DatasetSpec] = {
-    s.name: s
-    for s in (
-        DatasetSpec("cifar10", 10, "array", "CIFAR10", "CIFAR-10, 32x32 RGB, 50k/10k"),
-        DatasetSpec("cifar100", 100, "array", "CIFAR100", "CIFAR-100 fine labels, 32x32 RGB, 50k/10k"),
-        DatasetSpec("mnist", 10, "array", "MNIST", "MNIST, 28x28 grey, 60k/10k"),
-        DatasetSpec("fashion_mnist", 10, "array", "FashionMNIST", "Fashion-MNIST, 28x28 grey, 60k/10k"),
-        DatasetSpec("digits", 10, "array", None, "UCI digits, 8x8 grey, 1,797 images, fixed 20% test split"),
-        DatasetSpec("imagewang", 20, "folder", None, "ImageWang (Imagenette + 10% Imagewoof), val = Imagewoof"),
-        DatasetSpec("imagenette", 10, "folder", None, "Imagenette, 10 easy ImageNet classes"),
-        DatasetSpec("imagewoof", 10, "folder", None, "Imagewoof, 10 dog breeds"),
-    )
-}
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+for _spec in (
+    DatasetSpec("cifar10", 10, "array", "CIFAR10", "CIFAR-10, 32x32 RGB, 50k/10k"),
+    DatasetSpec("cifar100", 100, "array", "CIFAR100", "CIFAR-100 fine labels, 32x32 RGB, 50k/10k"),
+    DatasetSpec("mnist", 10, "array", "MNIST", "MNIST, 28x28 grey, 60k/10k"),
+    DatasetSpec("fashion_mnist", 10, "array", "FashionMNIST", "Fashion-MNIST, 28x28 grey, 60k/10k"),
+    DatasetSpec("digits", 10, "array", None, "UCI digits, 8x8 grey, 1,797 images, fixed 20% test split"),
+    DatasetSpec("imagewang", 20, "folder", None, "ImageWang (Imagenette + 10% Imagewoof), val = Imagewoof"),
+    DatasetSpec("imagenette", 10, "folder", None, "Imagenette, 10 easy ImageNet classes"),
+    DatasetSpec("imagewoof", 10, "folder", None, "Imagewoof, 10 dog breeds"),
+):
+    DATASETS.register(_spec.name, _spec)
+del _spec
 
 
 class DatasetNotFoundError(FileNotFoundError, ValueError):
     """A dataset was found nowhere; the message lists the places looked at."""
-
-
-@dataclass(frozen=True)
-class Split:
-    """One split, held in memory.
-
-    Attributes:
-        x: (N, C, H, W) uint8 images.
-        y: (N,) int64 labels.
-        index: (N,) int64 sample ids (train/val: index in the original training set;
-            test: index in the test set).
-    """
-
-    x: torch.Tensor
-    y: torch.Tensor
-    index: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
-    def to(self, device: str | torch.device) -> "Split":
-        """The same split on ``device``."""
-        return Split(self.x.to(device), self.y.to(device), self.index.to(device))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ban_analysis import stats
-from ban_analysis.analysis.load import TEACHER, Study, seed_matrix
+from ban_analysis.report.load import TEACHER, Study, seed_matrix
 
 logger = logging.getLogger(__name__)
 

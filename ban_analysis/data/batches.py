@@ -8,16 +8,37 @@ which is where users import it from.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator
+from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from ban_analysis.data import Split
-
 AUGMENTATIONS = ("none", "flip", "crop_flip")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split, held in memory.
+
+    Attributes:
+        x: (N, C, H, W) uint8 images.
+        y: (N,) int64 labels.
+        index: (N,) int64 sample ids (train/val: index in the original training set;
+            test: index in the test set).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
 
 
 def check_int(value, name: str, low: int, high: int | None = None) -> int:

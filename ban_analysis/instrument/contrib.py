@@ -1,6 +1,6 @@
 """Per-sample contributions to a term's batch gradient from captured activations.
 
-Internal module of ``ban_analysis.param_grads`` (kept apart to keep files short). For a layer
+Internal module of ``ban_analysis.instrument.param_grads`` (kept apart to keep files short). For a layer
 with input a and output-gradient delta (from one backward pass of the term's cotangent), the
 batch weight gradient is a sum over samples of per-sample pieces, as in BackPACK and Opacus:
 

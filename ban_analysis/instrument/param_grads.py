@@ -3,7 +3,7 @@
 Everything here is generic: a function takes the student logits (with their autograd graph),
 the parameters, and one cotangent per term (dict ``{"target": (B, C), "dark": (B, C)}``), and
 never touches ``.grad``, BatchNorm statistics or any random stream. The hooks in
-``ban_analysis.hooks`` build the cotangents from an objective's ``logit_grad``.
+``ban_analysis.instrument.hooks`` build the cotangents from an objective's ``logit_grad``.
 
 Scaling convention (shared with ``decompose.per_sample_stats``): a per-sample cotangent is row s
 of ``out.logit_grad`` times B, i.e. the batch-mean factor removed, so "the gradient of sample s"
@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ban_analysis._contrib import (
+from ban_analysis.instrument.contrib import (
     DotAccumulator,
     FusedContribution,
     capture_activations,

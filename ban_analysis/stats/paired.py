@@ -1,6 +1,6 @@
 """Statistics across seeds: paired tests, bootstrap intervals, Holm, TOST, effect sizes, power.
 
-The power functions live in :mod:`ban_analysis.power` and are importable from here too.
+The power functions live in :mod:`ban_analysis.stats.power` and are importable from here too.
 
 Pure functions over arrays shaped ``(seeds,)`` or ``(seeds, k)`` (rliable style). Anything random
 takes an explicit ``np.random.Generator``; nothing touches the global RNG. Results are small frozen
@@ -27,8 +27,6 @@ from typing import Mapping, NamedTuple
 import numpy as np
 import scipy.stats
 
-# Re-exported: callers and the README use stats.min_detectable_effect and stats.paired_t_power.
-from ban_analysis.power import min_detectable_effect, paired_t_power  # noqa: F401
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 :func:`resolve` checks the table against the hook class (the common keys ``every_n_steps``,
 ``samples``, ``sample_from``, then the hook's own ``options`` and ``choices``), fills in the
 class defaults, builds the hook, and draws the fixed subset of training indices a hook with
-``sample_from = "train"`` reports on. :class:`ban_analysis.hooks.HookRunner` calls it once
+``sample_from = "train"`` reports on. :class:`ban_analysis.instrument.hooks.HookRunner` calls it once
 per configured hook; split from hooks.py to keep that file short (it has no other user).
 """
 
@@ -12,16 +12,15 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # hooks.py imports this module, so only for the annotation
-    from ban_analysis.hooks import Hook
+from ban_analysis.instrument.base import Hook
 
 # The hooks' logger: this is the hooks' set-up, and a user filtering on that name expects it.
-logger = logging.getLogger("ban_analysis.hooks")
+logger = logging.getLogger("ban_analysis.instrument.hooks")
 
 
 def seed_of(*parts: Any) -> int:

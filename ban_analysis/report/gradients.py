@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from ban_analysis.analysis.load import Study, load_hook, load_test_outputs
+from ban_analysis.report.load import Study, load_hook, load_test_outputs
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ coordinate per sample (the label * by default):
 Summed over the batch the target part reads like label cross-entropy whose per-sample gradient
 is scaled by the teacher's confidence p_{*,s} (eqs. 8-9). :func:`split_logit_grad` splits any
 objective's ``logit_grad``; :func:`per_sample_stats` gives the per-sample quantities around it.
-Head- and parameter-level splits live in ``ban_analysis.param_grads`` and are re-exported here.
+Head- and parameter-level splits live in ``ban_analysis.instrument.param_grads`` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .losses.base import ObjectiveOutput
+from ban_analysis.losses.base import ObjectiveOutput
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def per_sample_stats(
 
 
 # The head and parameter levels of the split, from param_grads (DESIGN.md: decompose holds all three).
-from ban_analysis.param_grads import (  # noqa: E402
+from ban_analysis.instrument.param_grads import (  # noqa: E402
     contribution_stats,
     exact_stats,
     head_stats,

@@ -23,8 +23,7 @@ import numpy as np
 import pandas as pd
 
 import ban_analysis
-from ban_analysis import analysis as A
-from ban_analysis import figures as F
+from ban_analysis.report import attribution as att_mod, figures as F, gradients as grads, load as load_mod
 
 logger = logging.getLogger(__name__)
 
@@ -213,10 +212,10 @@ def _run_commits(study_dir: Path) -> list[str]:
     return sorted(commits)
 
 
-def _methods(study: A.Study, att: A.Attribution, versions: dict, commits: list[str], command: str | None,
+def _methods(study: load_mod.Study, att: att_mod.Attribution, versions: dict, commits: list[str], command: str | None,
              ci_methods: list[str], seed: int) -> str:
     seeds = study.seeds
-    families = "; ".join(f"{k}: {v}" for k, v in A.FAMILIES.items())
+    families = "; ".join(f"{k}: {v}" for k, v in att_mod.FAMILIES.items())
     software = ", ".join(f"{k} {v}" for k, v in versions.items())
     return (
         f"We analysed {len(seeds)} seeds ({', '.join(map(str, seeds))}) from `{study.root}`. Pairing: each seed "
@@ -242,30 +241,30 @@ def _methods(study: A.Study, att: A.Attribution, versions: dict, commits: list[s
 # ----------------------------------------------------------------------------- the report
 
 
-def _hook_sections(doc: _Doc, study: A.Study, fig, stats: dict, seed: int) -> None:
+def _hook_sections(doc: _Doc, study: load_mod.Study, fig, stats: dict, seed: int) -> None:
     doc.h(3, "How the objectives teach (hook logs and test logits)")
-    share = A.update_share_by_epoch(study)
+    share = grads.update_share_by_epoch(study)
     if share.empty:
         doc.p("No update_share logs in this study: the dark term's share of the update is not shown.")
     else:
-        summary = A.update_share_summary(share)
+        summary = grads.update_share_summary(share)
         stats["hooks"]["update_share"] = summary
         doc.p("Share of the whole-network update carried by the dark-knowledge term (update_share hook), mean over "
               "seeds with a 95% t-interval across seeds, in the first and last logged epoch (generation 1).")
         doc.table(_epoch_mean_table(summary, "share_dark", "dark share", signed=False))
         fig("update_share", lambda: F.update_share_over_training(share, seed=seed),
                      "Share of the update carried by the target and dark terms over training; bands: 95% CI across seeds.")
-    terms = A.term_sizes(study, rng=np.random.default_rng(seed))
+    terms = grads.term_sizes(study, rng=np.random.default_rng(seed))
     if terms.empty:
         doc.p("No logit_split logs with teacher columns: the confidence-vs-term-size figure is not shown.")
     else:
         fig("confidence_vs_term_sizes", lambda: F.confidence_vs_term_sizes(terms),
                      "Teacher confidence vs per-sample size of the target and dark terms (logit_split), generation 1.")
-    cos = A.param_cos_by_epoch(study)
+    cos = grads.param_cos_by_epoch(study)
     if cos.empty:
         doc.p("No param_split logs: the per-sample parameter-gradient cosine is not shown.")
     else:
-        summary = A.param_cos_summary(cos)
+        summary = grads.param_cos_summary(cos)
         stats["hooks"]["param_cos"] = summary
         last = summary.loc[summary.groupby("objective", sort=False)["epoch"].idxmax()]
         doc.p("Per-sample cosine between the target and dark terms' parameter gradients (param_split, sampled), "
@@ -273,11 +272,11 @@ def _hook_sections(doc: _Doc, study: A.Study, fig, stats: dict, seed: int) -> No
         doc.table(_epoch_mean_table(last, "mean", "cosine", signed=True))
         fig("param_cosine", lambda: F.param_cosine_over_epochs(cos, seed=seed),
                      "Per-sample cosine between the two terms' parameter gradients by epoch; bands: 95% CI across seeds.")
-    fix = A.fixes(study)
+    fix = grads.fixes(study)
     if fix.empty:
         doc.p("No test logits: which samples students fix is not shown.")
         return
-    summary = A.fixes_summary(fix)
+    summary = grads.fixes_summary(fix)
     stats["hooks"]["fixes"] = summary
     doc.p("Test samples the students fix (teacher wrong, student right) and break (teacher right, student wrong), "
           "means over seeds (descriptive, no tests), with the teacher's mean confidence and non-target entropy "
@@ -292,7 +291,7 @@ def _hook_sections(doc: _Doc, study: A.Study, fig, stats: dict, seed: int) -> No
                             "entropy kept wrong": [_num(x, 3) for x in summary["entropy_kept_wrong"]]}))
     for column, label in (("teacher_confidence", "teacher confidence"),
                           ("teacher_nontarget_entropy", "teacher non-target entropy")):
-        bins = A.fix_rate_by_bin(fix, column)
+        bins = grads.fix_rate_by_bin(fix, column)
         if not bins.empty:
             fig(f"fix_rate_by_{column}", lambda: F.fix_rate_by_confidence(bins, label, seed=seed),
                          f"Fraction of the teacher's test mistakes each student fixes, by {label} (quintiles); "
@@ -310,8 +309,8 @@ def write_report(study_dir: str | Path, command: str | None = None, *, seed: int
     Returns:
         The report folder.
     """
-    study = A.load_study(study_dir)
-    att = A.attribute(study, seed=seed, n_boot=N_BOOT)
+    study = load_mod.load_study(study_dir)
+    att = att_mod.attribute(study, seed=seed, n_boot=N_BOOT)
     out = Path(study_dir) / "report"
     (out / "figures").mkdir(parents=True, exist_ok=True)
     name = study.config.get("name") or Path(study_dir).resolve().name
@@ -322,12 +321,12 @@ def write_report(study_dir: str | Path, command: str | None = None, *, seed: int
                              "objectives": study.objectives, "metric": "test_acc",
                              "units": "accuracy points (test accuracy x 100)", "equivalence_margin_points": att.margin,
                              "equivalence_margin": study.equivalence_margin, "gain_fraction_threshold": att.threshold,
-                             "alpha": att.alpha, "power": A.attribution.POWER, "seed": seed, "n_boot": N_BOOT},
+                             "alpha": att.alpha, "power": att_mod.POWER, "seed": seed, "n_boot": N_BOOT},
                    "answer": att.answer, "notes": att.notes, "accuracy": att.accuracy, "comparisons": comps,
                    "gain_fractions": att.fractions,
                    "a12": {} if att.a12.empty else att.a12.to_dict(orient="index"), "hooks": {},
-                   "rules": {"verdict": A.VERDICT_RULES, "fraction": A.FRACTION_RULES, "answer": A.ANSWER_RULES,
-                             "families": A.FAMILIES}}
+                   "rules": {"verdict": att_mod.VERDICT_RULES, "fraction": att_mod.FRACTION_RULES, "answer": att_mod.ANSWER_RULES,
+                             "families": att_mod.FAMILIES}}
     doc, listing = _Doc(), []
     fig = lambda name, make, caption: _add_figure(doc, out, listing, name, make, caption)  # noqa: E731
     doc.h(1, f"Study report: {name}")
@@ -359,7 +358,7 @@ def write_report(study_dir: str | Path, command: str | None = None, *, seed: int
     doc.h(3, "Paired comparisons")
     if comps.empty:
         doc.p("No paired comparisons are possible (teacher or students missing).")
-    for family, description in A.FAMILIES.items():
+    for family, description in att_mod.FAMILIES.items():
         rows = comps[comps["family"] == family] if not comps.empty else comps
         if len(rows):
             doc.h(4, f"Family {family}: {description} (Holm within family, m = {len(rows)})")
@@ -383,9 +382,9 @@ def write_report(study_dir: str | Path, command: str | None = None, *, seed: int
     stats["figures"] = listing
 
     doc.h(2, "Verdict rules (checked in order; the first that holds decides)")
-    doc.table(pd.DataFrame(A.VERDICT_RULES, columns=["verdict", "rule", "wording"]))
-    doc.table(pd.DataFrame(A.FRACTION_RULES, columns=["fraction verdict", "rule", "wording"]))
-    doc.table(pd.DataFrame(A.ANSWER_RULES, columns=["answer per probe", "rule"]))
+    doc.table(pd.DataFrame(att_mod.VERDICT_RULES, columns=["verdict", "rule", "wording"]))
+    doc.table(pd.DataFrame(att_mod.FRACTION_RULES, columns=["fraction verdict", "rule", "wording"]))
+    doc.table(pd.DataFrame(att_mod.ANSWER_RULES, columns=["answer per probe", "rule"]))
     doc.h(2, "Methods")
     methods = _methods(study, att, versions, commits, command, ci_methods, seed)
     doc.p(methods)

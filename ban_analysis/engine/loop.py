@@ -1,0 +1,220 @@
+"""The generation loop: epochs of :func:`ban_analysis.engine.step.train_step`, with resume and checkpoints.
+
+Reproducibility. Every random stream of a generation is derived from (run seed, purpose, gen):
+the student's initial weights ("init"), the data order and augmentation ("data"), the
+objective's randomness such as DKPP's permutations ("objective") and the global torch stream
+used by dropout ("torch"). None depends on the objective, so in a study the students of the same
+(seed, gen) start from the same weights and see the same batches whatever they are trained on:
+comparisons between objectives are paired. The streams' states are saved in every checkpoint,
+so a resumed run continues exactly where the interrupted one was (same numbers on CPU).
+
+Model selection. The generation's model is its final-epoch model; the validation split is
+evaluated every epoch for monitoring and for choosing hyperparameters, never for picking epochs
+(early stopping per generation would add a noisy selection step to every comparison).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ban_analysis.config import TrainConfig
+from ban_analysis.data import DatasetBundle, Split, iterate_batches
+from ban_analysis.engine.runs import HookWriter, RunDir
+from ban_analysis.engine.step import autocast_context, train_step
+from ban_analysis.models import create_model
+
+logger = logging.getLogger(__name__)
+
+
+def derive_seed(seed: int, purpose: str, gen: int) -> int:
+    """A 63-bit seed for one stream; stable across machines and Python versions."""
+    digest = hashlib.sha256(f"ban_analysis/{seed}/{purpose}/{gen}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seeded_generator(seed: int, purpose: str, gen: int, device: str | torch.device = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(seed, purpose, gen))
+    return g
+
+
+def build_model(arch: str, params: dict, bundle: DatasetBundle, seed: int, gen: int) -> nn.Module:
+    """A fresh model whose initial weights come from (seed, "init", gen) only."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "init", gen))
+        return create_model(arch, num_classes=bundle.num_classes, input_shape=bundle.input_shape, **params)
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate for 0-based ``epoch`` (set once per epoch, which keeps resume trivial)."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
+    return cfg.lr * cfg.gamma ** passed
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+
+
+def predict(model: nn.Module, split: Split, bundle: DatasetBundle, batch_size: int,
+            amp: str = "off", channels_last: bool = False) -> torch.Tensor:
+    """(N, C) float32 logits of ``split`` in its stored order, model in eval mode, no augmentation."""
+    was_training = model.training
+    model.eval()
+    device = split.x.device
+    chunks = []
+    with torch.inference_mode():
+        for x, _, _ in iterate_batches(split, batch_size, shuffle=False, augment="none",
+                                       mean=bundle.mean, std=bundle.std):
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_context(amp, device):
+                chunks.append(model(x).float())
+    model.train(was_training)
+    if not chunks:
+        return torch.empty(0, bundle.num_classes, device=device)
+    return torch.cat(chunks).clone()  # clone outside inference mode: a normal tensor autograd may use
+
+
+@dataclass
+class GenerationResult:
+    gen: int
+    metrics: list[dict] = field(default_factory=list)  # one row per epoch (runs.METRIC_COLUMNS)
+    val_logits: torch.Tensor | None = None
+    test_logits: torch.Tensor | None = None
+
+
+def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: TrainConfig, *,
+                     gen: int, seed: int, teacher: nn.Module | None = None, run: RunDir | None = None,
+                     hooks=None, augment: str = "none", pad: int = 4, progress: bool = True,
+                     arch_info: dict | None = None) -> GenerationResult:
+    """Train one generation: ``model`` from scratch with ``objective``, taught by ``teacher``.
+
+    Args:
+        model: a freshly initialised student (see :func:`build_model`), on the data's device.
+        objective: from :func:`ban_analysis.losses.get_objective`; never special-cased by name.
+        bundle: the dataset; training uses ``bundle.train``, monitoring ``bundle.val``.
+        teacher: frozen, evaluated in eval mode under ``torch.inference_mode``; None for "ce".
+        run: where checkpoints, metrics and hook output go; with a checkpoint of this generation
+            there, training resumes after its last completed epoch.
+        hooks: a :class:`ban_analysis.instrument.hooks.HookRunner` or None.
+    Returns:
+        A GenerationResult with the per-epoch metrics and final val/test logits.
+    """
+    if objective.needs_teacher and teacher is None:
+        raise ValueError(f"objective {objective.name!r} needs a teacher; generation {gen} has none")
+    device = bundle.train.x.device
+    optimizer = make_optimizer(model, cfg)
+    data_gen = seeded_generator(seed, "data", gen, device)
+    objective_gen = seeded_generator(seed, "objective", gen, device)
+    torch_state = _seeded_cpu_state(derive_seed(seed, "torch", gen))
+    start_epoch, metrics = 0, []
+    if run is not None and run.checkpoint_path(gen).exists():
+        state = run.load_checkpoint(gen)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        data_gen.set_state(state["rng"]["data"])
+        objective_gen.set_state(state["rng"]["objective"])
+        torch_state = state["rng"]["torch"]
+        start_epoch, metrics = state["epoch"], list(state["metrics"])
+        logger.info("gen %d: resuming after epoch %d of %d", gen, start_epoch, cfg.epochs)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if cfg.compile else model
+
+    teacher_train_logits, row_of = None, None
+    if teacher is not None and augment == "none":
+        # Without augmentation the teacher sees each training image unchanged, so its logits are
+        # computed once instead of once per step: the BAN step then costs what the CE step costs.
+        teacher_train_logits = predict(teacher, bundle.train, bundle, cfg.eval_batch_size, cfg.amp,
+                                       cfg.channels_last)
+        row_of = torch.full((int(bundle.train.index.max()) + 1,), -1, dtype=torch.long, device=device)
+        row_of[bundle.train.index] = torch.arange(len(bundle.train.index), device=device)
+
+    steps_per_epoch = math.ceil(len(bundle.train.y) / cfg.batch_size)
+    writer = HookWriter(run, gen) if (run is not None and hooks is not None) else None
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(torch_state)
+        for epoch in range(start_epoch, cfg.epochs):
+            lr = lr_at(cfg, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            started = time.perf_counter()
+            loss_sum, correct, seen = 0.0, 0, 0
+            bar = tqdm(total=steps_per_epoch, desc=f"gen {gen} epoch {epoch + 1}/{cfg.epochs}",
+                       leave=False, disable=not progress, unit="batch")
+            batches = iterate_batches(bundle.train, cfg.batch_size, shuffle=True, generator=data_gen,
+                                      augment=augment, pad=pad, mean=bundle.mean, std=bundle.std)
+            for i, (x, target, index) in enumerate(batches):
+                step = epoch * steps_per_epoch + i
+                if cfg.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                teacher_logits = None
+                if objective.needs_teacher and teacher_train_logits is not None:
+                    teacher_logits = teacher_train_logits[row_of[index]]
+                result = train_step(model, objective, x, target, optimizer, teacher=teacher,
+                                    teacher_logits=teacher_logits, hooks=hooks, step=step, gen=gen, epoch=epoch,
+                                    sample_index=index, generator=objective_gen, amp=cfg.amp, forward=forward)
+                if result.hook_rows and writer is not None:
+                    writer.add(epoch, step, result.hook_rows)
+                n = target.shape[0]
+                loss_sum += result.loss.item() * n
+                correct += (result.student_logits.argmax(1) == target).sum().item()
+                seen += n
+                bar.update(1)
+                if i % 20 == 0:
+                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+            bar.close()
+            val_logits = predict(model, bundle.val, bundle, cfg.eval_batch_size, cfg.amp, cfg.channels_last)
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                   **_split_loss_acc(val_logits, bundle.val.y), "lr": lr,
+                   "seconds": time.perf_counter() - started}
+            metrics.append(row)
+            logger.info("gen %d epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.1fs)",
+                        gen, epoch + 1, cfg.epochs, row["train_loss"], row["train_acc"],
+                        row["val_loss"], row["val_acc"], row["seconds"])
+            if run is not None:
+                if writer is not None:
+                    writer.flush(epoch)  # before the checkpoint: a crash in between redoes the epoch
+                run.write_metrics(gen, metrics)
+                last = epoch + 1 == cfg.epochs
+                if last or (epoch + 1) % cfg.checkpoint_every == 0:
+                    run.save_checkpoint(gen, {
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "epoch": epoch + 1, "complete": last, "metrics": metrics,
+                        "rng": {"data": data_gen.get_state(), "objective": objective_gen.get_state(),
+                                "torch": torch.get_rng_state()},
+                        **(arch_info or {})})
+    result = GenerationResult(gen=gen, metrics=metrics)
+    result.val_logits = predict(model, bundle.val, bundle, cfg.eval_batch_size, cfg.amp, cfg.channels_last)
+    result.test_logits = predict(model, bundle.test, bundle, cfg.eval_batch_size, cfg.amp, cfg.channels_last)
+    return result
+
+
+def _seeded_cpu_state(seed: int) -> torch.Tensor:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g.get_state()
+
+
+def _split_loss_acc(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    if logits.shape[0] == 0:
+        return {"val_loss": float("nan"), "val_acc": float("nan")}
+    return {"val_loss": F.cross_entropy(logits, target).item(),
+            "val_acc": (logits.argmax(1) == target).float().mean().item()}

@@ -1,0 +1,98 @@
+"""What a hook is: the step context it sees, the base class, and the registry of hooks by name.
+
+Split from ``hooks.py`` so that ``hook_config`` (which validates a hook's table against its class)
+and ``hooks`` (the hook classes and the runner) both import it, without a cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from ban_analysis.registry import Registry
+
+__all__ = ["HOOKS", "Hook", "StepContext", "register_hook"]
+
+
+@dataclass
+class StepContext:
+    """What a hook sees at one training step (built by the trainer after the objective).
+
+    Attributes:
+        gen, epoch, step: generation, epoch, global optimizer step in the generation (0-based).
+        sample_index: (B,) int64 index of each sample in the training set.
+        inputs: (B, ...) float inputs the model saw (augmented, normalised).
+        target: (B,) int64 labels.
+        student_logits: (B, C) with autograd graph to the model parameters; hooks only call
+            ``torch.autograd.grad(..., retain_graph=True)`` on it.
+        teacher_logits: (B, C) detached, or None (objective ``ce``).
+        out: the objective's ``ObjectiveOutput``.
+        model: the student, in training mode.
+        captured: module name -> (input, output) from ``HookRunner.capture`` (may be left
+            empty: the runner then uses what its own capture of this step recorded).
+        rows: set by the runner per hook: batch positions the hook reports (None = all).
+        cache: shared by the hooks of one step (e.g. the per-term batch gradients).
+    """
+
+    gen: int
+    epoch: int
+    step: int
+    sample_index: Tensor
+    inputs: Tensor
+    target: Tensor
+    student_logits: Tensor
+    teacher_logits: Tensor | None
+    out: Any
+    model: nn.Module
+    captured: dict = field(default_factory=dict)
+    rows: Tensor | None = None
+    cache: dict = field(default_factory=dict)
+
+
+class Hook:
+    """Base class. Subclasses set the class attributes and implement ``__call__``.
+
+    Class attributes: ``name``; ``per_sample`` (columns (n,) with ``sample_index`` added by
+    the runner, or per-step 0-d tensors); defaults ``every_n_steps``, ``samples``,
+    ``sample_from``; ``options`` = option -> default; ``choices`` = option -> allowed values.
+    """
+
+    name: ClassVar[str] = ""
+    per_sample: ClassVar[bool] = True
+    every_n_steps: ClassVar[int] = 1
+    samples: ClassVar[Any] = "all"
+    sample_from: ClassVar[str] = "train"
+    options: ClassVar[dict] = {}
+    choices: ClassVar[dict] = {}
+
+    def __init__(self, **options: Any) -> None:
+        self.opts = {**self.options, **options}
+        self.state: dict[str, Any] = {}  # what info() reports, filled while running
+        # Set by HookRunner(fuse_backward=True) on hooks that can reuse the trainer's backward:
+        # __call__ then prepares and returns None, and after_backward(ctx) returns the columns.
+        self.fused = False
+
+    def can_fuse(self) -> bool:
+        """Whether this hook has a cheaper path that reads the trainer's backward."""
+        return False
+
+    def after_backward(self, ctx: StepContext) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def capture_modules(self, model: nn.Module) -> tuple[list[str], bool]:
+        """Modules whose (input, output) this hook needs, and whether outputs are differentiated."""
+        return [], False
+
+    def __call__(self, ctx: StepContext) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+HOOKS: Registry[type[Hook]] = Registry("hook")
+
+
+def register_hook(cls: type[Hook]) -> type[Hook]:
+    """Class decorator: register a :class:`Hook` subclass under its ``name`` (non-empty, unique)."""
+    HOOKS.register(cls.name, cls)
+    return cls

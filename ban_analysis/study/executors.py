@@ -1,0 +1,128 @@
+"""Running a study's plan: the local executor (one run after another) and Ray (one task per generation).
+
+Each task trains one run folder up to one generation, so a study killed at any moment resumes
+from the last checkpoint of every run when the same command is given again. Both executors give
+identical numbers (``tests/test_study.py``): they call the same :func:`_run_one`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ban_analysis.config import ConfigError, config_from_dict
+from ban_analysis.engine.runs import RunDir, atomic_write_json, read_json
+from ban_analysis.layout import TEACHER, StudyLayout
+from ban_analysis.study.collect import collect_results
+from ban_analysis.study.plan import RunSpec, StudyConfig, load_study, plan_runs, study_from_dict
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_study"]
+
+
+def _run_one(spec_config: dict, path: str, until_gen: int | None, device: str, progress: bool,
+             threads: int | None = None, _after: Any = None) -> str:
+    """Train one run folder (up to ``until_gen``). Module-level so Ray can ship it to a worker."""
+    import torch
+
+    from ban_analysis.engine.chain import run_chain
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = config_from_dict(spec_config)  # checks the teacher checkpoint now that it exists
+    run_chain(cfg, path, device=device, until_gen=until_gen, progress=progress)
+    return path
+
+
+def _json_roundtrip(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def _bind_study(study: StudyConfig, layout: StudyLayout) -> None:
+    """Write study.json for a new folder; refuse a folder that holds another study."""
+    if layout.config.exists():
+        old = read_json(layout.config)
+        try:  # an older study.json lacks keys added since: fill in their defaults before comparing
+            old = _json_roundtrip(asdict(study_from_dict({k: v for k, v in old.items()})))
+        except ConfigError:
+            pass
+        if old != _json_roundtrip(asdict(study)):
+            raise ConfigError(f"{layout.path} holds a study with a different config; use another --out folder")
+        return
+    layout.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(layout.config, asdict(study))
+
+
+def run_study(study: str | Path | StudyConfig | dict, out: str | Path, *, executor: str = "local",
+              address: str | None = None, workers: int | None = None, device: str = "cpu",
+              overrides: list[str] | None = None, progress: bool = True) -> list[dict]:
+    """Run (or resume) a study into ``out`` and collect ``results.csv``; returns its rows.
+
+    Args:
+        study: a TOML path, a study table (dict) or a :class:`StudyConfig`.
+        out: the study folder.
+        executor: "local" or "ray".
+        overrides: ``--set`` strings applied to the base run config.
+    """
+    if isinstance(study, StudyConfig):
+        study = study_from_dict(_json_roundtrip(asdict(study)), overrides)
+    elif isinstance(study, dict):
+        study = study_from_dict(study, overrides)
+    else:
+        study = load_study(study, overrides)
+    if executor not in ("local", "ray"):
+        raise ValueError(f"executor {executor!r} is not supported; allowed: local, ray")
+    layout = StudyLayout(out)
+    _bind_study(study, layout)
+    specs = plan_runs(study, layout.path)
+    if executor == "local":
+        _execute_local(specs, device, progress)
+    else:
+        _execute_ray(specs, device, address, workers)
+    return collect_results(layout.path)
+
+
+def _execute_local(specs: list[RunSpec], device: str, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    for spec in tqdm(specs, desc="study runs", unit="run", disable=not progress):
+        if RunDir(spec.path).is_complete():
+            continue
+        logger.info("seed %d, %s: %s", spec.seed, spec.objective, spec.path)
+        _run_one(spec.config.to_dict(), str(spec.path), None, device, progress)
+
+
+def _execute_ray(specs: list[RunSpec], device: str, address: str | None, workers: int | None) -> None:
+    """One Ray task per generation; each depends on the task that produced its teacher."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("the ray executor needs Ray: pip install 'ban-analysis[ray]'") from None
+
+    if not ray.is_initialized():
+        kwargs = {"address": address} if address else {"num_cpus": workers or os.cpu_count()}
+        ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+    # one thread per task: tasks run side by side, one per core
+    remote = ray.remote(num_cpus=1)(_run_one)
+    refs, teacher_ref = [], {}
+    for spec in specs:
+        if RunDir(spec.path).is_complete():
+            if spec.objective == TEACHER:
+                teacher_ref[spec.seed] = None
+            continue
+        cfg = spec.config.to_dict()
+        if spec.objective == TEACHER:
+            ref = remote.remote(cfg, str(spec.path), 0, device, False, 1)
+            teacher_ref[spec.seed] = ref
+            refs.append(ref)
+            continue
+        previous = teacher_ref.get(spec.seed)
+        for gen in range(1, spec.generations + 1):
+            previous = remote.remote(cfg, str(spec.path), gen, device, False, 1, _after=previous)
+            refs.append(previous)
+    ray.get(refs)
