@@ -47,7 +47,9 @@ def _format_table(summary: dict) -> str:
             members = "+".join(str(m) for m in e["members"])
             lines.append(f"{members:<17}   {pct(e['test_acc'])}    {e['test_nll']:.4f}    "
                          f"{pct(e['test_ece'])}    {pct(e['agreement_with_teacher'])}")
-    lines.append("(accuracies and ECE in %)")
+    lines.append("(accuracies and ECE in %" + (", test metrics over the classes the test split holds"
+                                               if summary.get("test_scoring") == "present_classes" else "") + ")")
+    lines += [f"warning: {w}" for w in summary.get("warnings", [])]
     return "\n".join(lines)
 
 

@@ -72,6 +72,9 @@ class DataConfig(_Validated):
     pad: int = field(default=4, metadata=_NON_NEGATIVE)
     image_size: int = field(default=0, metadata=_NON_NEGATIVE)  # 0 = native size (image folders)
     cache_dir: str = ""  # "" -> $BAN_CACHE or ~/.cache/ban_analysis
+    # "present_classes": test metrics over the classes the test split holds only (ImageWang's test
+    # split is Imagewoof's 10 dog breeds out of 20 classes); "all": over every class
+    test_scoring: str = field(default="all", metadata=_one_of("all", "present_classes"))
 
 
 @dataclass(frozen=True)

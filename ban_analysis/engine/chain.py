@@ -182,12 +182,13 @@ def summarize(run: RunDir, cfg: RunConfig) -> dict:
 
     from ban_analysis.engine.metrics import ensemble_metrics, logit_metrics
 
-    test_targets = np.load(run.path / "test_targets.npy")
-    val_targets = np.load(run.path / "val_targets.npy")
+    test_targets = np.load(run.layout.targets("test"))
+    val_targets = np.load(run.layout.targets("val"))
     manifest_gens = run.manifest().get("generations", {})
-    generations, test_logits = [], {}
+    generations, test_logits, warnings = [], {}, []
     for gen in range(cfg.ban.generations + 1):
-        test_logits[gen] = run.load_logits(gen, "test")
+        test_logits[gen] = _scored(run.load_logits(gen, "test"), test_targets, cfg.data.test_scoring)
+        warnings += _unpredicted_classes(test_logits[gen], test_targets, gen, cfg.data.test_scoring)
         val_logits = run.load_logits(gen, "val")
         # the arch is in the manifest; reading it there spares loading every checkpoint
         arch = manifest_gens.get(str(gen), {}).get("arch") or run.load_checkpoint(gen)["arch"]
@@ -207,7 +208,42 @@ def summarize(run: RunDir, cfg: RunConfig) -> dict:
             ensembles.append({"members": members, "with_teacher": first == 0, "test_acc": m["acc"],
                               "test_nll": m["nll"], "test_ece": m["ece"],
                               "agreement_with_teacher": m["agreement"]})
-    return {"generations": generations, "ensembles": ensembles}
+    out = {"generations": generations, "ensembles": ensembles}
+    if cfg.data.test_scoring != "all":
+        out["test_scoring"] = cfg.data.test_scoring
+    if warnings:
+        out["warnings"] = warnings
+    return out
+
+
+def _scored(logits, target, scoring: str):
+    """Test logits as scored: with "present_classes", classes absent from the test split get -inf
+    (probability 0), so accuracy, NLL and ECE are those of a classifier over the present classes."""
+    import numpy as np
+
+    if scoring == "all":
+        return logits
+    absent = np.ones(logits.shape[1], dtype=bool)
+    absent[np.unique(target)] = False
+    logits = logits.astype(np.float64, copy=True)
+    logits[:, absent] = -np.inf
+    return logits
+
+
+def _unpredicted_classes(logits, target, gen: int, scoring: str) -> list[str]:
+    """A warning when some class of the test split is never predicted (a 0% accuracy is then not noise)."""
+    import numpy as np
+
+    present = np.unique(target)
+    never = np.setdiff1d(present, np.unique(logits.argmax(1)))
+    if len(never) == 0:
+        return []
+    message = (f"gen {gen}: {len(never)} of the test split's {len(present)} classes are never predicted "
+               f"(classes {never.tolist()[:10]}{' ...' if len(never) > 10 else ''}); test scoring {scoring!r}"
+               + ("; data.test_scoring = 'present_classes' scores only the classes the test split holds"
+                  if scoring == "all" else ""))
+    logger.warning(message)
+    return [message]
 
 
 def _finite_or_none(x):
