@@ -70,9 +70,9 @@ def cmd_show(args) -> int:
     from ban_analysis.engine.runs import RunDir, RunFolderError
 
     run = RunDir(args.run_dir)
-    if not (run.path / "config.json").exists():
+    if not run.layout.config.exists():
         raise RunFolderError(f"{run.path} is not a run folder (no config.json)")
-    if not (run.path / "summary.json").exists():
+    if not run.layout.summary.exists():
         gens = sorted(p.name for p in run.path.glob("gen-*"))
         raise RunFolderError(f"{run.path} is not finished yet (has {', '.join(gens) or 'no generations'}); "
                              "rerun its command to resume")
@@ -81,12 +81,13 @@ def cmd_show(args) -> int:
 
 
 def cmd_study(args) -> int:
+    from ban_analysis.layout import StudyLayout
     from ban_analysis.study import run_study
 
     results = run_study(args.config, args.out, executor=args.executor, address=args.address,
                         workers=args.workers, device=args.device, overrides=args.set,
                         progress=not args.quiet)
-    _emit(f"{len(results)} result rows in {Path(args.out) / 'results.csv'}")
+    _emit(f"{len(results)} result rows in {StudyLayout(args.out).results}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Tests of ban_analysis.models: every registered model runs, heads, parameter counts, errors.
+"""Tests of ban_analysis.models: every registered model runs, heads, parameter counts, errors;
+no in-place activations; one SGD step, channels_last and torch.compile (the GPU-config paths).
 
 Each model runs at its documented ``factory.test_input_shape`` (small for the big networks:
 WRN-28-10 at 8x8, torchvision models at 16x16) with batch 2.
@@ -6,12 +7,19 @@ WRN-28-10 at 8x8, torchvision models at 16x16) with batch 2.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import shutil
+import time
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ban_analysis.models import MODELS, create_model, head_of, model_params, register_model
-from ban_analysis.models.densenet_bc import PRESET_PARAMS, block_layers
+from ban_analysis.models.densenet_bc import PRESET_PARAMS, PRESETS, block_layers
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -180,3 +188,178 @@ def test_head_of_fallbacks():
     assert head_of(tv) is tv.classifier[3]
     with pytest.raises(ValueError, match="no nn.Linear"):
         head_of(nn.Conv2d(1, 1, 1))
+
+
+# ------------------------------------------------------------------ no in-place activations
+
+
+class ActivationWrites(TorchDispatchMode):
+    """Records every aten op that writes into a tensor derived from the input or the parameters.
+
+    A tensor is an *activation* when it is the input, a parameter, or the output of an op that
+    read an activation (views included, tracked by storage). Ops that only take a tensor's
+    shape (``empty_like``, ``new_zeros``, ...) do not propagate, so dropout's fresh noise buffer
+    (``bernoulli_``, ``div_``) and BatchNorm's ``num_batches_tracked.add_`` are not activations.
+    ``writes`` lists every mutation (schema ``Tensor(a!)``) and ``violations`` those into an
+    activation, e.g. ``aten.relu_.default`` or ``aten.add_.Tensor`` of ``out += identity``.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor):
+        super().__init__()
+        self.keep = [x, *model.parameters()]  # kept alive, so a storage address is never reused
+        self.tainted = {t.untyped_storage().data_ptr() for t in self.keep}
+        self.writes: list[str] = []
+        self.violations: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs, written, position = [], [], 0
+        for arg in func._schema.arguments:
+            value = kwargs.get(arg.name) if arg.kwarg_only else (args[position] if position < len(args) else None)
+            position += not arg.kwarg_only
+            tensors = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, torch.Tensor)]
+            inputs += tensors
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                written += tensors
+        if written:
+            self.writes.append(str(func))
+            if any(t.untyped_storage().data_ptr() in self.tainted for t in written):
+                self.violations.append(str(func))
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if not (name.endswith("_like") or name.startswith("new_")) and any(
+            t.untyped_storage().data_ptr() in self.tainted for t in inputs
+        ):
+            for t in out if isinstance(out, (list, tuple)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.keep.append(t)
+                    self.tainted.add(t.untyped_storage().data_ptr())
+        return out
+
+
+def with_inplace(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` as it was before in-place activations were removed: every module with
+    an ``inplace`` flag set to True and torchvision's original classes (in-place forwards) back."""
+    from ban_analysis.models._tv_no_inplace import RECLASS
+
+    original = {ours: theirs for theirs, ours in RECLASS.items()}
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if type(m) in original:
+            m.__class__ = original[type(m)]
+        if hasattr(m, "inplace"):
+            m.inplace = True
+    return ref
+
+
+def forward_backward(model: nn.Module, x: torch.Tensor, log: ActivationWrites | None = None):
+    """Logits, input gradient and parameter gradients of one seeded forward + backward."""
+    x = x.clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same dropout masks for every call
+    with log if log is not None else contextlib.nullcontext():
+        logits = model(x)
+    (logits.square().sum() + logits[:, 0].sum()).backward()
+    return [logits.detach(), x.grad, *(p.grad for p in model.parameters())]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_no_inplace_activations_and_numbers_unchanged(name):
+    shape = MODELS[name].test_input_shape
+    model = create_model(name, num_classes=5, input_shape=shape, seed=0)
+    flagged = [n for n, m in model.named_modules() if getattr(m, "inplace", False)]
+    assert not flagged, f"modules with inplace=True: {flagged}"
+    reference = with_inplace(model)  # before any forward: same weights and BatchNorm buffers
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+
+    log = ActivationWrites(model, x)
+    ours = forward_backward(model, x, log)  # training mode
+    assert not log.violations, f"in-place ops on activations: {sorted(set(log.violations))}"
+    assert all(torch.isfinite(t).all() for t in ours)
+    model.eval()
+    with ActivationWrites(model, x) as strict:
+        model(x)
+    assert not strict.writes, f"eval-mode forward mutates tensors: {sorted(set(strict.writes))}"
+
+    # The in-place original computes bit-identical logits and gradients; where it has in-place
+    # modules, the detector must see their ops (so the check above is not vacuous).
+    ref_log = ActivationWrites(reference, x)
+    theirs = forward_backward(reference, x, ref_log)
+    if any(hasattr(m, "inplace") for m in reference.modules()):
+        assert ref_log.violations
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+# ----------------------------------------------------- GPU-config code paths, tested on CPU
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [("densenet_bc", {"preset": min(PRESETS, key=PRESET_PARAMS.get)}),  # 112-33, the smallest
+     ("wrn", {})],  # WRN-28-10, the default
+)
+def test_one_sgd_step(name, params):
+    shape = MODELS[name].test_input_shape
+    model = create_model(name, 10, shape, seed=0, **params)
+    # The run defaults (TrainConfig): SGD, lr 0.1, Nesterov momentum 0.9, weight decay 5e-4.
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, *shape, generator=g), torch.randint(0, 10, (2,), generator=g)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = F.cross_entropy(model(x), y)
+    assert torch.isfinite(loss)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    changed = [not torch.equal(a, p) for a, p in zip(before, model.parameters())]
+    assert all(changed), f"{changed.count(False)} of {len(changed)} parameter tensors unchanged"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(F.cross_entropy(model(x), y))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_channels_last_matches_contiguous(name):
+    shape = MODELS[name].test_input_shape
+    model = create_model(name, 5, shape, seed=0).eval()
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)
+        model = model.to(memory_format=torch.channels_last)  # as the training loop does
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        formats = []
+        if convs:
+            convs[-1].register_forward_hook(
+                lambda m, a, out: formats.append(out.is_contiguous(memory_format=torch.channels_last)))
+        got = model(x.contiguous(memory_format=torch.channels_last))
+    assert formats == ([True] if convs else [])  # the channels_last kernels really ran
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def _no_compiler_reason() -> str | None:
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile (dynamo) is not supported on this Python/platform"
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")):
+        return "torch.compile's CPU backend (inductor) needs a C/C++ compiler; none on PATH"
+    return None
+
+
+@pytest.mark.slow  # inductor's first compile takes ~20 s on 2 shared cores
+@pytest.mark.skipif(_no_compiler_reason() is not None, reason=str(_no_compiler_reason()))
+def test_torch_compile_matches_eager():
+    model = create_model("mlp", 5, (1, 8, 8), seed=0, widths=[16])
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = model(x)
+    expected.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model)
+    start = time.perf_counter()
+    got = compiled(x)
+    got.sum().backward()
+    print(f"compile + first call: {time.perf_counter() - start:.1f} s")
+    assert head_of(compiled) is model.head
+    torch.testing.assert_close(got, expected)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g)

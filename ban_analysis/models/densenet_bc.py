@@ -73,7 +73,7 @@ class Transition(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(
-            nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True),
+            nn.BatchNorm2d(in_channels), nn.ReLU(),
             nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.AvgPool2d(2),
         )
 
@@ -101,7 +101,7 @@ class DenseNetBC(nn.Module):
                 out = int(channels * compression)
                 modules.append(Transition(channels, out))
                 channels = out
-        modules += [nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        modules += [nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         self.features = nn.Sequential(*modules)
         self.head = nn.Linear(channels, num_classes)
         init_conv_bn(self)

@@ -26,7 +26,7 @@ class MLP(nn.Module):
         layers: list[nn.Module] = [nn.Flatten()]
         width_in = in_features
         for width in widths:
-            layers += [nn.Linear(width_in, width), nn.ReLU(inplace=True)]
+            layers += [nn.Linear(width_in, width), nn.ReLU()]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width_in = width

@@ -79,7 +79,7 @@ class CifarResNet(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, widths: list[int], blocks: list[int], shortcut: str):
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
         )
         stages = []
         channels = widths[0]

@@ -10,6 +10,11 @@ other than 3 get a first conv with C input channels either way. The head is the 
 ``fc`` (ResNets), ``classifier`` (DenseNets), ``classifier.3`` (MobileNetV3), recorded in
 ``model.head_name`` for :func:`ban_analysis.models.head_of`.
 
+No in-place activations: torchvision's ``nn.ReLU(inplace=True)`` modules, the in-place
+``F.relu`` of ``DenseNet.forward`` and the in-place residual sums of the ResNet and MobileNetV3
+blocks are replaced by out-of-place equivalents (:mod:`ban_analysis.models._tv_no_inplace`),
+which give bit-identical outputs and gradients.
+
 Adding an architecture is one line in ``ARCHS``: (stem conv path, stem pool path or None,
 head path).
 """
@@ -66,7 +71,9 @@ def build_torchvision(arch: str, num_classes: int, input_shape: tuple[int, int, 
     if small and pool_path is not None:
         _replace(model, pool_path, nn.Identity())
     model.head_name = head_path
-    return model
+    from ban_analysis.models._tv_no_inplace import strip_inplace  # deferred: imports torchvision
+
+    return strip_inplace(model)
 
 
 def _factory(arch: str):
