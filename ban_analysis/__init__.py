@@ -27,6 +27,7 @@ _API = {
     "get_objective": "ban_analysis.losses", "OBJECTIVES": "ban_analysis.losses",
     "HookRunner": "ban_analysis.instrument", "HOOKS": "ban_analysis.instrument",
     "split_logit_grad": "ban_analysis.instrument", "per_sample_stats": "ban_analysis.instrument",
+    "per_sample_term_grads": "ban_analysis.instrument",
     "train_step": "ban_analysis.engine.step", "as_objective": "ban_analysis.engine.step",
     "TrainingDiverged": "ban_analysis.engine.step",
     "train_generation": "ban_analysis.engine.loop", "run_chain": "ban_analysis.engine.chain",

@@ -10,7 +10,7 @@ What it measures, on CIFAR-100 (from $BAN_DATA, else ../shared/data, else --root
 2. the time of one ResNet-20 training step (forward, cross-entropy, backward, SGD step) at
    batch 128, and the in-memory path's share of (data + step) time.
 
-Goal (issue 3): in-memory >= 5x the best DataLoader and < 5% of the step time.
+Goal: in-memory >= 5x the best DataLoader and < 5% of the step time.
 
 Run: ``python benchmarks/bench_data.py [--images 20000] [--steps 10] [--threads 1,2]``.
 Each measurement is repeated per torch thread count (DataLoader workers are one thread each

@@ -1,4 +1,4 @@
-"""Speed of the objectives (issue 2). Run by hand: ``python benchmarks/bench_objectives.py``.
+"""Speed of the objectives. Run by hand: ``python benchmarks/bench_objectives.py``.
 
 Prints markdown tables:
 1. forward+backward time of every objective against an autograd soft-target cross-entropy

@@ -7,10 +7,10 @@ here, amortised over the epochs), with augmentation it runs a forward per step i
 
     BAN_DATA=../shared/data python benchmarks/bench_train.py [--epochs 2] [--threads 2]
 
-Goal (issue 3): BAN img/s / CE img/s slowdown <= 1.30 for the MLP and a CIFAR ResNet-20.
+Goal: BAN img/s / CE img/s slowdown <= 1.30 for the MLP and a CIFAR ResNet-20.
 The last columns time the BAN step again with the studies' hook set (logit_split every step,
 update_share every 25 steps, param_split every 50 steps on 32 samples; fused backward), the
-amortised cost of instrumentation in a real run (issue 4's goal: <= 10%).
+amortised cost of instrumentation in a real run (goal: <= 10%).
 """
 
 from __future__ import annotations

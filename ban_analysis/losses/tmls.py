@@ -1,5 +1,5 @@
 """``tmls``: teacher-matched label smoothing, a control of this toolkit (not in Furlanello et
-al. 2018; see RESEARCH.md section 3).
+al. 2018; it keeps the confidence weighting of their eq. 8 and drops the dark knowledge).
 
 The one-hot label smoothed per sample by eps_s = 1 - p_{y,s}, spread uniformly over the other
 C - 1 classes. It keeps the teacher's probability at the label (hence eq. 8's confidence

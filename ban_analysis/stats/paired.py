@@ -6,7 +6,7 @@ Pure functions over arrays shaped ``(seeds,)`` or ``(seeds, k)`` (rliable style)
 takes an explicit ``np.random.Generator``; nothing touches the global RNG. Results are small frozen
 dataclasses (or NamedTuples where a plain tuple is part of the contract) that the report renders.
 
-Conventions used throughout (RESEARCH.md section 5):
+Conventions used throughout (the statistical rules in the README, "Statistics across seeds"):
 - Pairing is by seed: ``a[i]`` and ``b[i]`` share seed ``i``; every comparison is about ``d = a - b``.
 - Roundoff in ``a - b`` (about 1e-16 relative) must not split ties or create fake non-zero
   differences, so rank-, sign- and tie-based quantities (Wilcoxon, sign-flip test, A12, degeneracy
