@@ -1,8 +1,10 @@
-"""Does CWTM confidence weighting or DKPP's permuted dark knowledge explain BAN students' gains?
+"""Do the probes (by default CWTM's confidence weighting, DKPP's permuted dark knowledge) explain the reference's gains?
 
 Reads a study folder (written by `ban-analysis study`), runs the library's attribution analysis,
-and prints the rule-derived answer with the comparisons it rests on. All logic lives in
-ban_analysis.report; this script only chooses what to show.
+and prints the rule-derived answer with the comparisons it rests on, then the split of the
+reference's gain into the parts of the teacher's signal. Which variant is the reference and which
+are probes comes from the study's roles (study.json; defaults: reference "ban", probes "cwtm",
+"dkpp"). All logic lives in ban_analysis.report; this script only chooses what to show.
 
     python analysis/dark_knowledge_vs_confidence.py STUDY_DIR [--out answer.json] [--seed 0]
 """
@@ -14,12 +16,23 @@ import json
 import sys
 from pathlib import Path
 
-from ban_analysis.report import attribute, load_study
-from ban_analysis.report import to_jsonable
+from ban_analysis.report import attribute, load_study, to_jsonable
 
-QUESTION = "Does CWTM weighting or DKPP permutation explain the students' gains over their teachers?"
-SHOWN = {("A", "BAN vs teacher"), ("A", "CWTM vs teacher"), ("A", "DKPP vs teacher"), ("B", "BAN vs CWTM"),
-         ("B", "BAN vs DKPP")}
+QUESTION = ("Do the probes explain the reference's gain over its teacher: the teacher's confidence as a sample "
+            "weight, or the dark knowledge in its non-target probabilities?")
+
+
+def _shown(result):
+    """Family A rows of the reference and probes, family B rows reference vs probe; the probes' fractions."""
+    roles, comps, fractions = result.roles, result.comparisons, result.fractions
+    asked = [roles.get("reference"), *roles.get("probes", [])]
+    if len(comps):
+        keep = [(f == "A" and a in asked) or (f == "B" and b in roles.get("probes", []))
+                for f, a, b in zip(comps["family"], comps["a"], comps["b"])]
+        comps = comps[keep]
+    if len(fractions):
+        fractions = fractions[fractions["probe"].isin(roles.get("probes", []))]
+    return comps, fractions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,11 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    comps = result.comparisons
-    shown = comps[[(f, c) in SHOWN for f, c in zip(comps["family"], comps["comparison"])]] if len(comps) else comps
-    fractions = result.fractions[result.fractions["probe"].isin(["cwtm", "dkpp"])] if len(result.fractions) else result.fractions
-
+    shown, fractions = _shown(result)
     print(QUESTION)
+    print(f"roles: {result.roles}")
     print()
     print(result.answer["headline"])
     for sentence in result.answer["sentences"]:
@@ -54,10 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     for row in fractions.to_dict("records"):
         print(f"  fraction {row['probe']:<5} {row['estimate']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
               f"  -> {row['verdict_kind']}")
+    print("\nwhich part of the teacher's signal carries the gain (fraction of the reference's gain):")
+    for row in result.components.get("rows", []):
+        print(f"  {row['component']:<15} {row['label']:<16} {row['estimate']:.2f} "
+              f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]  -> {row['verdict_kind']}")
     if args.out is not None:
-        payload = {"question": QUESTION, "study": str(args.study_dir), "answer": result.answer,
+        payload = {"question": QUESTION, "study": str(args.study_dir), "roles": result.roles, "answer": result.answer,
                    "notes": result.notes, "margin_points": result.margin, "threshold": result.threshold,
-                   "comparisons": shown, "gain_fractions": fractions}
+                   "comparisons": shown, "gain_fractions": fractions, "components": result.components}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n")
         print(f"\nwritten: {args.out}")

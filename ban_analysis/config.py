@@ -57,6 +57,60 @@ _NON_NEGATIVE = _check(">= 0", lambda v: v >= 0)
 _FRACTION = _check("a number in [0, 1]", lambda v: 0 <= v <= 1)
 
 
+def _is_digits(text: str) -> bool:
+    return text.strip().isascii() and text.strip().isdigit()
+
+
+def _class_map(value: dict, key: str) -> dict:
+    """A ``class_map`` table as {"<source>": target}: keys strings of digits, values ints >= 0.
+
+    The range (< number of classes) is checked once the dataset is known (validate_semantics for
+    the built-in datasets, run_chain for every dataset). Same rules as
+    ``ban_analysis.data.label_noise.check_class_map``, repeated here to keep this module torch-free.
+    """
+    out = {}
+    for src, dst in value.items():
+        where = f"{key}.{src}"
+        if isinstance(src, bool) or not (isinstance(src, int) or (isinstance(src, str) and _is_digits(src))):
+            raise ConfigError(f"{where}: the source class must be an integer >= 0, written as a key such as \"7\"")
+        if isinstance(src, int) and src < 0:
+            raise ConfigError(f"{where}: the source class must be an integer >= 0")
+        if isinstance(dst, str) and _is_digits(dst):
+            dst = int(dst)
+        if isinstance(dst, bool) or not isinstance(dst, int) or dst < 0:
+            raise ConfigError(f"{where}: expected a target class, an integer >= 0; got {dst!r}")
+        name = str(int(src))
+        if name in out:
+            raise ConfigError(f"{where}: class {name} is mapped twice")
+        if int(src) == dst:
+            raise ConfigError(f"{where}: maps class {name} to itself; leave it out of the map instead")
+        out[name] = dst
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+@dataclass(frozen=True)
+class LabelNoiseConfig(_Validated):
+    """Synthetic noise on the training labels (ban_analysis.data.label_noise); rate 0 = off."""
+
+    _section: ClassVar[str] = "data.label_noise"
+
+    rate: float = field(default=0.0, metadata=_check("a number in [0, 1)", lambda v: 0 <= v < 1))
+    kind: str = field(default="symmetric", metadata=_one_of("symmetric", "pair", "asymmetric"))
+    seed: int = field(default=0, metadata=_NON_NEGATIVE)  # fixed, not the run seed: every seed sees the same labels
+    class_map: dict = field(default_factory=dict)  # kind "asymmetric": source class -> target class
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        key = f"{self._section}.class_map"
+        object.__setattr__(self, "class_map", _class_map(self.class_map, key))
+        if self.class_map and self.kind != "asymmetric":
+            raise ConfigError(f"{key}: applies only to kind 'asymmetric' (kind is {self.kind!r}); "
+                              "remove it or set data.label_noise.kind = \"asymmetric\"")
+        if self.kind == "asymmetric" and self.rate > 0 and not self.class_map:
+            raise ConfigError(f"{key}: kind 'asymmetric' needs a class map, e.g. "
+                              "class_map = {\"7\" = 1, \"2\" = 7, \"5\" = 6, \"6\" = 5, \"3\" = 8} (MNIST)")
+
+
 @dataclass(frozen=True)
 class DataConfig(_Validated):
     """Which dataset and how it is split and augmented (see ban_analysis.data)."""
@@ -72,6 +126,7 @@ class DataConfig(_Validated):
     pad: int = field(default=4, metadata=_NON_NEGATIVE)
     image_size: int = field(default=0, metadata=_NON_NEGATIVE)  # 0 = native size (image folders)
     cache_dir: str = ""  # "" -> $BAN_CACHE or ~/.cache/ban_analysis
+    label_noise: LabelNoiseConfig = field(default_factory=LabelNoiseConfig)  # train split only
     # "present_classes": test metrics over the classes the test split holds only (ImageWang's test
     # split is Imagewoof's 10 dog breeds out of 20 classes); "all": over every class
     test_scoring: str = field(default="all", metadata=_one_of("all", "present_classes"))
@@ -119,8 +174,14 @@ class TrainConfig(_Validated):
     amp: str = field(default="off", metadata=_one_of("off", "auto", "bf16", "fp16"))
     channels_last: bool = False
     compile: bool = False
+    # under torchrun (ban_analysis.engine.distributed): BatchNorm statistics over the global batch
+    # (SyncBatchNorm, CUDA only); a single process ignores it
+    sync_batchnorm: bool = False
     # checkpoint every this many epochs (and always at the end of a generation)
     checkpoint_every: int = field(default=1, metadata=_POSITIVE)
+    # also keep the best-validation-accuracy epoch's val/test logits (one test prediction per
+    # epoch that improves on the best so far); the generation's model stays the last epoch's
+    track_best: bool = True
 
 
 @dataclass(frozen=True)
@@ -135,6 +196,27 @@ class BanConfig(_Validated):
     ensemble_with_teacher: bool = False  # also report ensembles that include generation 0
 
 
+TENSORBOARD_MISSING = "log.tensorboard needs the tensorboard package: pip install 'ban-analysis[tensorboard]'"
+
+
+@dataclass(frozen=True)
+class LogConfig(_Validated):
+    """What a run reports besides its run folder's own files; never changes a number, so a
+    resumed run may turn it on or off (RunDir.check_config ignores this section)."""
+
+    _section: ClassVar[str] = "log"
+
+    tensorboard: bool = False  # event files under <run>/tensorboard/gen-<k>/ (ban_analysis.engine.tracking)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError(TENSORBOARD_MISSING)
+
+
 @dataclass(frozen=True)
 class RunConfig(_Validated):
     _section: ClassVar[str] = ""
@@ -145,6 +227,7 @@ class RunConfig(_Validated):
     train: TrainConfig = field(default_factory=TrainConfig)
     ban: BanConfig = field(default_factory=BanConfig)
     hooks: dict = field(default_factory=dict)  # hook name -> options table (ban_analysis.instrument.hooks)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -242,6 +325,17 @@ def validate_semantics(cfg: RunConfig) -> None:
         get_objective(cfg.ban.objective, **cfg.ban.params)
     except ValueError as err:
         raise ConfigError(f"ban.objective/ban.params: {err}") from None
+    noise = cfg.data.label_noise
+    if noise.class_map:
+        from ban_analysis.data import DATASETS
+        from ban_analysis.data.label_noise import check_class_map
+
+        spec = DATASETS[cfg.data.name] if cfg.data.name in DATASETS else None
+        if spec is not None and spec.kind == "array":  # an image folder's class count is known once read
+            try:
+                check_class_map(noise.class_map, spec.num_classes, key="data.label_noise.class_map")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
     if cfg.teacher.checkpoint and not Path(cfg.teacher.checkpoint).is_file():
         raise ConfigError(f"teacher.checkpoint: no such file {cfg.teacher.checkpoint!r}")
     if cfg.hooks:
@@ -250,9 +344,13 @@ def validate_semantics(cfg: RunConfig) -> None:
         try:
             # the real training indices are known only once the data is loaded (train.py);
             # 2**20 stands in so that option checks run without a spurious size warning
-            HookRunner(cfg.hooks, seed=cfg.seed, train_size=2**20)
+            runner = HookRunner(cfg.hooks, seed=cfg.seed, train_size=2**20)
         except ValueError as err:
             raise ConfigError(f"hooks: {err}") from None
+        for name in runner.heldout_hooks():  # measured on the validation split
+            if cfg.data.val_size == 0:
+                raise ConfigError(f"hooks.{name}: measures a held-out loss on the validation split, but "
+                                  "data.val_size = 0; set data.val_size > 0 or remove the hook")
 
 
 def config_from_dict(table: Mapping[str, Any], overrides: list[str] | None = None) -> RunConfig:

@@ -14,7 +14,8 @@ A run folder::
     <run>/label_noise.npz        with label noise: the clean labels and which were flipped
     <run>/gen-<k>/checkpoint.pt  model + optimizer + RNG state, written atomically
     <run>/gen-<k>/metrics.csv    one row per epoch (METRIC_COLUMNS, then optional columns)
-    <run>/gen-<k>/val_logits.npy, test_logits.npy   float32 (N, C)
+    <run>/gen-<k>/val_logits.npy, test_logits.npy   float32 (N, C), the last epoch's model
+    <run>/gen-<k>/best_val_logits.npy, best_test_logits.npy   the best-validation epoch's (train.track_best)
     <run>/gen-<k>/hooks/<hook>/epoch-<e>.parquet     what the hooks returned, one file per epoch
     <run>/tensorboard/gen-<k>/   TensorBoard event files (optional)
 
@@ -81,6 +82,10 @@ class RunLayout:
 
     def logits(self, gen: int, split: str) -> Path:
         return self.gen_dir(gen) / f"{split}_logits.npy"
+
+    def best_logits(self, gen: int, split: str) -> Path:
+        """Logits of the generation's best-validation-accuracy epoch (``train.track_best``)."""
+        return self.gen_dir(gen) / f"best_{split}_logits.npy"
 
     def hook_file(self, gen: int, hook: str, epoch: int) -> Path:
         return self.gen_dir(gen) / "hooks" / hook / f"epoch-{epoch}.parquet"

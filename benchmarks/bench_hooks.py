@@ -1,6 +1,7 @@
 """Cost of the instrumentation hooks relative to a plain BAN training step.
 
 Run by hand:  python benchmarks/bench_hooks.py [--threads 1] [--models mlp,resnet20] [--quick]
+              [--only heldout_attribution]   (only the hook-table rows whose label starts so)
 
 Per model (the quick experiment's 784-256-256-10 MLP and a CIFAR ResNet-20, batch 128, BAN
 objective against fixed random teacher logits, SGD with momentum and weight decay):
@@ -13,6 +14,8 @@ objective against fixed random teacher logits, SGD with momentum and weight deca
   loop takes 2 VJPs per sample through the batch graph (exact, BN included); for the MLP also a
   loop of single-sample forwards + 2 VJPs.
 * the default study hook set run for ``--steps`` steps against the same steps without hooks.
+* heldout_attribution (512 held-out rows of random inputs, eval mode): ms per due step, alone,
+  fused, and fused with update_share (sharing its G_target).
 * Parquet bytes per epoch for Fashion-MNIST (55k samples) from synthetic logit_split rows.
 
 Hook costs are medians of ratios taken in pairs (a plain step, then a hooked one), so load from
@@ -52,6 +55,13 @@ def setup(name: str, seed: int = 0):
     return model, opt, x, target, teacher_logits
 
 
+def heldout_data(name: str, n: int = 512, seed: int = 1):
+    """(x, y) for heldout_attribution: n normalised random inputs of the model's shape."""
+    _, shape, _ = MODELS[name]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
 def step(model, opt, x, target, teacher_logits, runner=None, i=0) -> dict[str, float]:
     """One training step; returns segment times (forward+objective, hooks, backward, total)."""
     obj = get_objective("ban")
@@ -64,7 +74,7 @@ def step(model, opt, x, target, teacher_logits, runner=None, i=0) -> dict[str, f
     if runner is not None:
         runner.run(StepContext(gen=1, epoch=0, step=i, sample_index=torch.arange(B), inputs=x, target=target,
                                student_logits=student_logits, teacher_logits=teacher_logits, out=out,
-                               model=model, captured=cap.captured))
+                               model=model, captured=cap.captured, lr=opt.param_groups[0]["lr"]))
     t2 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
@@ -74,17 +84,20 @@ def step(model, opt, x, target, teacher_logits, runner=None, i=0) -> dict[str, f
     t4 = time.perf_counter()
     opt.step()
     t5 = time.perf_counter()
-    return {"fwd": t1 - t0, "hooks": t2 - t1 + t4 - t3, "bwd": t3 - t2, "total": t5 - t0}
+    if runner is not None:
+        runner.after_step()  # heldout_attribution: the held-out loss after the step
+    t6 = time.perf_counter()
+    return {"fwd": t1 - t0, "hooks": t2 - t1 + t4 - t3 + t6 - t5, "bwd": t3 - t2, "total": t6 - t0}
 
 
-def compare(model, opt, batch, cfg, reps, warmup=2, fuse=False):
+def compare(model, opt, batch, cfg, reps, warmup=2, fuse=False, heldout=None):
     """Base and hooked steps in pairs (hooks due every step); medians of the paired ratios.
 
     Returns the base step's median segments and, per pair, hook time / base step, hook time /
     base backward, and the extra forward time (activation capture) / base step.
     """
-    runner = HookRunner(cfg, seed=0, train_size=B, fuse_backward=fuse) if cfg else None
-    base, ratios = [], {"step": [], "bwd": [], "fwd": []}
+    runner = HookRunner(cfg, seed=0, train_size=B, fuse_backward=fuse, heldout=heldout) if cfg else None
+    base, ratios = [], {"step": [], "bwd": [], "fwd": [], "ms": []}
     for r in range(warmup + reps):
         a = step(model, opt, *batch)
         if runner is not None:
@@ -96,6 +109,7 @@ def compare(model, opt, batch, cfg, reps, warmup=2, fuse=False):
             ratios["step"].append(h["hooks"] / a["total"])
             ratios["bwd"].append(h["hooks"] / a["bwd"])
             ratios["fwd"].append((h["fwd"] - a["fwd"]) / a["total"])
+            ratios["ms"].append(1e3 * h["hooks"])
     med = {k: statistics.median(x[k] for x in base) for k in base[0]}
     return med, {k: statistics.median(v) if v else 0.0 for k, v in ratios.items()}
 
@@ -239,7 +253,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (rough numbers)")
     ap.add_argument("--steps", type=int, default=100, help="steps for the measured default-set run")
     ap.add_argument("--update-share-every", type=int, default=25)
+    ap.add_argument("--only", default="", help="comma-separated label prefixes: run only those hook-table "
+                                               "rows (e.g. heldout_attribution) and skip the other sections")
     args = ap.parse_args()
+    only = tuple(p for p in args.only.split(",") if p)
     torch.set_num_threads(args.threads)
     q = 4 if args.quick else 1
     print(f"# machine: {machine()}; torch {torch.__version__}; threads {args.threads}; "
@@ -260,12 +277,24 @@ def main() -> None:
                 "update_share fused": ({"update_share": {}}, True),
                 "param_split contribution, 32 rows": (ps, False),
                 "param_split contribution fused": (ps, True)}
-        cost = {}  # per call, fraction of a base step (hook call + capture)
+        ho = {"heldout_attribution": {"every_n_steps": 1}}
+        cfgs.update({"heldout_attribution, 512 rows": (ho, False), "heldout_attribution fused": (ho, True),
+                     "heldout_attribution + update_share, fused (both)": ({"update_share": {}, **ho}, True)})
+        if only:
+            cfgs = {k: v for k, v in cfgs.items() if k.startswith(only)}
+        cost, ms = {}, {}  # per call: fraction of a base step (hook call + capture), and ms
         for label, (cfg, fuse) in cfgs.items():
-            _, r = compare(model, opt, batch, cfg, reps, fuse=fuse)
+            held = heldout_data(name) if "heldout_attribution" in cfg else None
+            _, r = compare(model, opt, batch, cfg, max(2, reps // 4) if held is not None else reps,
+                           fuse=fuse, heldout=held)
             fwd = max(r["fwd"], 0.0) if label.startswith(("param_split", "head_split")) else 0.0
-            cost[label] = r["step"] + fwd
+            cost[label], ms[label] = r["step"] + fwd, r["ms"]
             print(f"| {label} | {100 * r['step']:.1f} | {100 * fwd:.1f} | {r['bwd']:.2f} |")
+        for label in (k for k in ms if k.startswith("heldout_attribution")):
+            print(f"- {label}: {ms[label]:.1f} ms per due step (median); amortised at every_n_steps = 25: "
+                  f"{100 * cost[label] / 25:+.1f}% of the training time")
+        if only:
+            continue
         modes = per_sample_modes(name, max(2, reps // 8))
         bwd = modes.pop("one backward pass (unit)")
         print(f"\nOne backward pass here: {bwd:.4f} s (autograd.grad of the loss, graph retained).")
@@ -289,6 +318,8 @@ def main() -> None:
             print(f"\nMeasured{' (fused)' if fuse else ''}: the set with N = {args.update_share_every} over "
                   f"{n_steps} steps, side by side with plain steps: {100 * amort:+.1f}% "
                   f"(hooked {totals['hooked']:.2f} s, base {totals['base']:.2f} s)")
+    if only:
+        return
     print("\n## Parquet per epoch, Fashion-MNIST (55,000 samples, zstd)")
     for hook, (size, rows, cols) in parquet_size().items():
         print(f"- {hook}: {size / 2**20:.2f} MiB for {rows} rows x {cols} columns ({size / rows:.1f} B/row)")

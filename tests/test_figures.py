@@ -34,7 +34,7 @@ def tables(study):
     fix = A.fixes(study)
     return {"results": study.results, "att": att, "share": A.update_share_by_epoch(study),
             "terms": A.term_sizes(study), "cos": A.param_cos_by_epoch(study),
-            "bins": A.fix_rate_by_bin(fix)}
+            "bins": A.fix_rate_by_bin(fix), "heldout": A.heldout_attribution_by_step(study)}
 
 
 BUILDERS = {
@@ -44,9 +44,10 @@ BUILDERS = {
     "update_share_over_training": lambda t: F.update_share_over_training(t["share"]),
     "confidence_vs_term_sizes": lambda t: F.confidence_vs_term_sizes(t["terms"]),
     "param_cosine_over_epochs": lambda t: F.param_cosine_over_epochs(t["cos"]),
-    "generations_curve": lambda t: F.generations_curve(t["results"]),
+    "generations_curve": lambda t: F.generations_curve(t["results"], "ban"),
     "improvement_matrix": lambda t: F.improvement_matrix(t["att"].a12),
     "fix_rate_by_confidence": lambda t: F.fix_rate_by_confidence(t["bins"]),
+    "cumulative_heldout_attribution": lambda t: F.cumulative_heldout_attribution(t["heldout"]),
 }
 
 
@@ -72,10 +73,11 @@ def test_every_public_figure_is_covered():
 
 
 @pytest.mark.parametrize("name", ["accuracy_by_objective", "forest_plot", "update_share_over_training",
-                                  "param_cosine_over_epochs", "fix_rate_by_confidence", "improvement_matrix"])
+                                  "param_cosine_over_epochs", "fix_rate_by_confidence", "improvement_matrix",
+                                  "cumulative_heldout_attribution"])
 def test_empty_input_is_a_clear_error(name):
     empty = {"results": pd.DataFrame(), "share": pd.DataFrame(), "terms": pd.DataFrame(), "cos": pd.DataFrame(),
-             "bins": pd.DataFrame(), "att": A.Attribution(matrix=pd.DataFrame(), accuracy=pd.DataFrame(),
+             "bins": pd.DataFrame(), "heldout": pd.DataFrame(), "att": A.Attribution(matrix=pd.DataFrame(), accuracy=pd.DataFrame(),
                                                           comparisons=pd.DataFrame(), fractions=pd.DataFrame(),
                                                           answer={}, a12=pd.DataFrame(), margin=0.5,
                                                           threshold=0.5, alpha=0.05)}
@@ -136,3 +138,95 @@ def test_accuracy_figure_is_reproducible_and_leaves_numpy_rng_alone(tables):
     np.random.seed(123)
     png()
     assert np.array_equal(np.random.get_state()[1], before)
+
+
+def _strip_offsets(fig) -> np.ndarray:
+    """x positions of the accuracy figure's per-seed dots (its scatter collections), in drawing order."""
+    return np.concatenate([c.get_offsets()[:, 0] for c in fig.axes[0].collections])
+
+
+def test_accuracy_jitter_follows_the_seed_argument_not_the_global_rng(tables):
+    """Same seed: same dots; another seed: other dots; NumPy's global stream is neither read nor moved."""
+    np.random.seed(7)
+    before = np.random.get_state()[1].copy()
+    first = _strip_offsets(F.accuracy_by_objective(tables["results"], seed=0))
+    assert np.array_equal(np.random.get_state()[1], before)  # drawing consumed nothing from np.random
+    np.random.random(100)
+    again = _strip_offsets(F.accuracy_by_objective(tables["results"], seed=0))
+    other = _strip_offsets(F.accuracy_by_objective(tables["results"], seed=1))
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+    # the jitter stays within its category: every dot is within 0.5 of an integer position
+    assert np.all(np.abs(first - np.round(first)) < 0.5)
+    n_dots = int(((tables["results"]["kind"] == "model") & ((tables["results"]["gen"] >= 1)
+                                                             | (tables["results"]["objective"] == "teacher"))).sum())
+    assert first.size == n_dots
+
+
+def _t_band_independent(values: pd.Series) -> tuple[float, float, float]:
+    import scipy.stats
+
+    n = values.size
+    half = scipy.stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n)
+    return values.mean(), values.mean() - half, values.mean() + half
+
+
+def _heldout_raw(study) -> pd.DataFrame:
+    """Every heldout_attribution row of generation 1, read with plain pandas."""
+    raw = []
+    for path in sorted(study.root.glob("runs/seed-*/*/gen-1/hooks/heldout_attribution/epoch-*.parquet")):
+        raw.append(pd.read_parquet(path).assign(seed=int(path.parents[4].name.split("-")[1]),
+                                                variant=path.parents[3].name))
+    return pd.concat(raw).sort_values(["variant", "seed", "step"])
+
+
+def test_cumulative_heldout_figure_draws_the_seed_means_and_t_bands(study, tables):
+    """Lines and bands recomputed from the Parquet files with plain pandas."""
+    raw = _heldout_raw(study)
+    fig = F.cumulative_heldout_attribution(tables["heldout"])
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.lines}
+    assert set(axes) == set(raw["variant"])
+    for variant, ax in axes.items():
+        frame = raw[raw["variant"] == variant]
+        for column, label in (("a_target", "target term"), ("a_dark", "dark-knowledge term")):
+            cum = frame.assign(c=frame.groupby("seed")[column].cumsum())
+            line = next(line for line in ax.lines if line.get_label() == label)
+            steps = sorted(cum["step"].unique())
+            np.testing.assert_allclose(line.get_xdata(), steps)
+            expected = [_t_band_independent(cum.loc[cum["step"] == s, "c"]) for s in steps]
+            np.testing.assert_allclose(line.get_ydata(), [e[0] for e in expected], rtol=1e-12)
+            rgb = matplotlib.colors.to_rgb(line.get_color())
+            band = next(c for c in ax.collections if np.allclose(c.get_facecolor()[0][:3], rgb))
+            verts = band.get_paths()[0].vertices
+            for s, (_, lo, hi) in zip(steps, expected):
+                ys = verts[np.isclose(verts[:, 0], s), 1]
+                assert ys.min() == pytest.approx(lo, rel=1e-9) and ys.max() == pytest.approx(hi, rel=1e-9)
+
+
+def test_heldout_summary_table_matches_pandas(study, tables):
+    """Sums over training, shares of the total and the linearisation check, per seed then across seeds."""
+    import scipy.stats
+
+    raw = _heldout_raw(study)
+    summary = A.heldout_attribution_summary(tables["heldout"]).set_index(["objective", "quantity"])
+    by_step = tables["heldout"]
+    last = by_step.groupby(["objective", "seed", "term"])["cumulative"].last()
+    for variant, frame in raw.groupby("variant"):
+        sums = frame.groupby("seed")[["a_target", "a_dark", "a_total", "a_update", "observed_change",
+                                      "a_target_teacher_wrong"]].sum()
+        np.testing.assert_allclose(last.loc[variant, :, "a_dark"].to_numpy(), sums["a_dark"].to_numpy())
+        per_seed = {
+            "a_target": sums["a_target"], "a_dark": sums["a_dark"], "a_target_teacher_wrong": sums["a_target_teacher_wrong"],
+            "share_target": sums["a_target"] / sums["a_total"], "share_dark": sums["a_dark"] / sums["a_total"],
+            "linearisation_ratio": sums["a_update"] / sums["observed_change"],
+            "linearisation_corr": frame.groupby("seed").apply(
+                lambda f: np.corrcoef(f["a_update"], f["observed_change"])[0, 1], include_groups=False)}
+        for quantity, values in per_seed.items():
+            row = summary.loc[(variant, quantity)]
+            half = scipy.stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+            assert row["n"] == len(values) == 6
+            assert row["mean"] == pytest.approx(values.mean(), rel=1e-9)
+            assert row["ci_low"] == pytest.approx(values.mean() - half, rel=1e-9)
+    # planted: the dark term lowers BAN's held-out loss more than its target term does, CWTM's less
+    assert summary.loc[("ban", "share_dark"), "ci_low"] > 0.5 > summary.loc[("cwtm", "share_dark"), "ci_high"]
+    assert summary.loc[("ban", "linearisation_ratio"), "mean"] == pytest.approx(1, abs=0.1)

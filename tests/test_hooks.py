@@ -87,6 +87,7 @@ def test_registry_order_puts_update_share_before_param_split():
     # for param_split; the names themselves are the registry's (tests/test_registry.py)
     names = list(HOOKS)
     assert names.index("update_share") < names.index("param_split")
+    assert names.index("update_share") < names.index("heldout_attribution")  # reuses its term gradients
 
 
 @pytest.mark.parametrize("mode", ["contribution", "exact", "vmap"])
@@ -101,7 +102,7 @@ def test_hooks_leave_model_grads_and_rng_untouched(mode):
     ctx = step_context(runner, model, step=0)
     before = snapshot(model)
     rows = runner.run(ctx)
-    assert set(rows) == set(HOOKS)
+    assert set(rows) == set(ALL_HOOKS)
     assert_same(before, snapshot(model))
     assert all(m._forward_hooks == {} for m in model.modules())
     # The trainer's own backward still works on the retained graph.
@@ -192,7 +193,7 @@ def test_schedule_and_capture_only_when_needed():
     assert runner.info()["param_split"] == {
         "every_n_steps": 3, "samples": 32, "fused": False, "sample_from": "batch", "mode": "contribution",
         "chunk_size": 16, "eval_mode": False, "exact_vjp": "auto", "covered_params": sum(p.numel() for p in model.parameters()),
-        "total_params": sum(p.numel() for p in model.parameters()), "modules": 4}
+        "total_params": sum(p.numel() for p in model.parameters()), "modules": 4, "anchor": "label"}
 
 
 def test_fixed_subset_is_seeded_per_hook_and_restricts_rows():

@@ -138,3 +138,20 @@ def test_show_reads_a_run_folder_written_by_0_1(capsys):
     table = capsys.readouterr().out
     summary = json.loads((FIXTURE / "runs/seed-0/ban/summary.json").read_text())
     assert f"{100 * summary['generations'][2]['test_acc']:6.2f}" in table
+
+
+def test_a_run_folder_written_before_new_config_keys_resumes(tmp_path, tiny_root):
+    from ban_analysis.config import config_from_dict
+    from ban_analysis.engine.runs import RunDir, RunFolderError
+    from tests.conftest import tiny_config
+
+    cfg = config_from_dict(tiny_config(tiny_root))
+    run = RunDir(tmp_path / "run")
+    old = cfg.to_dict()
+    del old["data"]["test_scoring"]  # as a 0.1 config.json has it: the key did not exist then
+    run.bind_config(old)
+    assert run.check_config(cfg.to_dict()) is True  # the same run: resumes
+    other = cfg.to_dict()
+    other["train"]["epochs"] += 1
+    with pytest.raises(RunFolderError, match="differs in: train.epochs"):
+        run.check_config(other)

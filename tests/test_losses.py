@@ -7,7 +7,8 @@ Three independent references:
   hand-built examples;
 - literal numbers worked out by hand in the docstrings of a few tests.
 Tests parametrised over ``OBJECTIVES`` pick up a new objective automatically; those needing a
-reference fail for it until one is added here. CWTM and DKPP specifics: tests/test_probes.py.
+reference fail for it until one is added here. CWTM and DKPP specifics:
+tests/test_losses_probes.py; CWTC specifics: tests/test_losses_cwtc.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from ban_analysis.losses.functional import label_and_soft_target_loss, soft_targ
 from tests.conftest import gen, make_batch
 
 NAMES = list(OBJECTIVES)
+# Objectives whose sample weights depend on the teacher; every other one weights samples 1/B.
+TEACHER_WEIGHTED = ("cwtm", "cwtc")
 # Non-default hyperparameters too, so temperature != 1, alpha at its ends and both DKPP anchors run.
 VARIANTS = [(n, {}) for n in NAMES] + [
     ("kd", {"alpha": 0.3, "temperature": 2.0}),
@@ -68,6 +71,9 @@ def torch_reference(name, params, z, t, y, out):
     if name == "cwtm":
         p_max = F.softmax(t, dim=1).max(dim=1).values
         return ((p_max / p_max.sum()) * F.cross_entropy(z, y, reduction="none")).sum()
+    if name == "cwtc":  # plain p / sum p (the objective normalises in log space)
+        p_y = F.softmax(t, dim=1)[rows, y]
+        return ((p_y / p_y.sum()) * F.cross_entropy(z, y, reduction="none")).sum()
     if name == "dkpp":
         # The permutation itself is checked by the DKPP tests; here: CE to the drawn target.
         return F.cross_entropy(z, out.target_dist)
@@ -96,8 +102,8 @@ def equation(name, params, z, t, y, permuted=None):
     def soft_ce(r, qq):
         return -sum(ri * math.log(qi) for ri, qi in zip(r, qq))
 
-    if name in ("ce", "cwtm", "dkpp", "tmls"):
-        if name in ("ce", "cwtm"):
+    if name in ("ce", "cwtm", "cwtc", "dkpp", "tmls"):
+        if name in ("ce", "cwtm", "cwtc"):
             targets = onehot
         elif name == "dkpp":
             targets = permuted
@@ -106,6 +112,9 @@ def equation(name, params, z, t, y, permuted=None):
         if name == "cwtm":  # eq. 10: w_s = max_j p_js / sum_u max_j p_ju
             total = sum(max(r) for r in p)
             w = [max(r) / total for r in p]
+        elif name == "cwtc":  # Tang et al. 2020: w_s = p_{y_s,s} / sum_u p_{y_u,u}
+            total = sum(p[s][y[s]] for s in range(B))
+            w = [p[s][y[s]] / total for s in range(B)]
         else:
             w = [1.0 / B] * B
         loss = sum(w[s] * soft_ce(targets[s], q[s]) for s in range(B))
@@ -143,6 +152,7 @@ def test_registry_has_the_contract_keys_and_defaults():
         "ban": {"temperature": 1.0},
         "ban_l": {"label_weight": 1.0, "teacher_weight": 1.0, "temperature": 1.0},
         "cwtm": {},
+        "cwtc": {},
         "dkpp": {"anchor": "argmax"},
         "tmls": {},
     }
@@ -163,7 +173,8 @@ def test_registry_entry_name_and_params_roundtrip(name):
 
 
 def test_unknown_objective_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown objective 'bann'.*ban, ban_l, ce, cwtm, dkpp, kd, tmls"):
+    valid = ", ".join(sorted(OBJECTIVES))  # every registered objective, in sorted order
+    with pytest.raises(ValueError, match=rf"unknown objective 'bann'; valid objectives: {valid}$"):
         get_objective("bann")
 
 
@@ -210,7 +221,7 @@ def test_output_contract(name, params):
     assert out.logit_grad.shape == out.target_dist.shape == (7, 5)
     assert out.sample_weight.shape == (7,)
     assert torch.allclose(out.sample_weight.sum(), torch.tensor(1.0), atol=1e-6)
-    if name != "cwtm":
+    if name not in TEACHER_WEIGHTED:
         assert torch.equal(out.sample_weight, torch.full((7,), 1 / 7))
     assert (out.target_dist >= 0).all()
     assert torch.allclose(out.target_dist.sum(1), torch.ones(7), atol=1e-6)

@@ -2,7 +2,9 @@
 
 DKPP's permutation is checked for what eq. 11 demands (argmax kept, each row's values kept,
 rows permuted independently, fresh per call, reproducible from the generator) and for
-uniformity with chi-square tests over many draws. Split from test_losses.py to keep files short.
+uniformity with chi-square tests over many draws, including the step that re-orders random
+keys that tied (common at C ~ 1000 with int32 keys, so it is tested on its own with forced
+ties). Split from test_losses.py to keep files short.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import chi2_contingency, chisquare
 
-from ban_analysis.losses import get_objective
-from ban_analysis.losses.dkpp import permute_dark_knowledge
+from ban_analysis.losses import dkpp, get_objective
+from ban_analysis.losses.dkpp import anchor_first_orders, permute_dark_knowledge
 from tests.conftest import gen, make_batch
 
 
@@ -155,3 +157,141 @@ def test_dkpp_requires_a_generator():
     student, teacher, target = make_batch()
     with pytest.raises(ValueError, match="needs a torch.Generator; generator=None is not allowed"):
         get_objective("dkpp")(student, teacher, target)
+
+
+@pytest.mark.parametrize("anchor_col, dest_col", [(0, 0), (2, 2), (3, 0), (1, 3)])
+def test_permute_dark_knowledge_uniform_for_any_anchor_and_destination(anchor_col, dest_col):
+    """C = 4, anchor and destination anywhere: the 3 non-anchor values fill the 3
+    non-destination classes in each of the 3! = 6 arrangements equally often."""
+    n = 6000
+    values = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    values[anchor_col], values[3] = values[3].item(), values[anchor_col].item()  # max (0.4) at the anchor
+    p = values.repeat(n, 1)
+    anchor = torch.full((n,), anchor_col)
+    dest = torch.full((n,), dest_col)
+    r = permute_dark_knowledge(p, anchor, dest, gen(16))
+    assert (r[:, dest_col] == 0.4).all()
+    assert torch.equal(r.sort(1).values, p.sort(1).values)
+    others = [c for c in range(4) if c != dest_col]
+    ids = _arrangement_ids(r[:, others], [0.1, 0.2, 0.3])
+    assert chisquare(torch.bincount(ids, minlength=6).numpy()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("C", [2, 3, 10, 1000, 1024, 1025, 1500])
+def test_anchor_first_orders_are_permutations_for_both_key_widths(C):
+    """int32 keys up to C = 1024, int64 above: column 0 is the anchor slot (0), the others are
+    each non-anchor column exactly once; the same generator state gives the same orders."""
+    B = 64
+    anchor = torch.randint(0, C, (B,), generator=gen(17))
+    order = anchor_first_orders(anchor, C, gen(18))
+    assert order.dtype == (torch.int32 if C <= 1024 else torch.int64)
+    assert (order[:, 0] == 0).all()
+    expected = torch.arange(C).repeat(B, 1)
+    expected = expected[expected != anchor.unsqueeze(1)].view(B, C - 1)
+    assert torch.equal(order[:, 1:].long().sort(1).values, expected)
+    assert torch.equal(anchor_first_orders(anchor, C, gen(18)), order)
+    if C >= 10:
+        assert not torch.equal(anchor_first_orders(anchor, C, gen(19)), order)
+
+
+def test_tied_keys_occur_at_c1000_and_are_reordered(monkeypatch):
+    """With int32 keys at C = 1000 (21 random bits per key) about 1 row in 5 has two keys with
+    the same random bits; the full path through the tie step still gives valid permutations."""
+    calls = []
+    original = dkpp._shuffle_tied_runs_
+
+    def spy(order, keys, bits, generator, start=0):
+        high = keys[:, start:] >> bits
+        calls.append(int((torch.diff(high, dim=1) == 0).any(dim=1).sum()))
+        original(order, keys, bits, generator, start)
+
+    monkeypatch.setattr(dkpp, "_shuffle_tied_runs_", spy)
+    B, C = 256, 1000
+    p = torch.softmax(3 * torch.randn(B, C, generator=gen(20), dtype=torch.float64), 1)
+    a = p.argmax(1)
+    r = permute_dark_knowledge(p, a, a, gen(21))
+    assert calls and calls[0] > 20  # ~54 expected
+    assert torch.equal(r[torch.arange(B), a], p[torch.arange(B), a])
+    assert torch.equal(r.sort(1).values, p.sort(1).values)
+
+
+def test_shuffle_tied_runs_uniform_within_runs_independent_and_local():
+    """Forced ties: even rows have runs at positions 1-2 (size 2) and 4-6 (size 3), odd rows
+    none. Each run's arrangement must be uniform (2 and 6 outcomes), the two runs of a row and
+    the runs of different rows independent; entries outside runs and tie-free rows stay put."""
+    n = 6000
+    high = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4], dtype=torch.int32).repeat(n, 1)
+    high[1::2] = torch.arange(8, dtype=torch.int32)
+    order = torch.arange(8, dtype=torch.int32).repeat(n, 1)
+    keys = (high << 3) | order  # random bits above the 3 column bits
+    dkpp._shuffle_tied_runs_(order, keys, 3, gen(22))
+    tied, free = order[0::2], order[1::2]
+    assert torch.equal(free, torch.arange(8, dtype=torch.int32).repeat(n // 2, 1))
+    assert (tied[:, [0, 3, 7]] == torch.tensor([0, 3, 7], dtype=torch.int32)).all()
+    assert torch.equal(tied[:, 1:3].sort(1).values, torch.tensor([1, 2], dtype=torch.int32).repeat(n // 2, 1))
+    assert torch.equal(tied[:, 4:7].sort(1).values, torch.tensor([4, 5, 6], dtype=torch.int32).repeat(n // 2, 1))
+    pair = (tied[:, 1] == 2).long()  # 0: (1, 2), 1: (2, 1)
+    triple = _arrangement_ids(tied[:, 4:7], [4, 5, 6])
+    assert chisquare(torch.bincount(pair, minlength=2).numpy()).pvalue > 1e-3
+    assert chisquare(torch.bincount(triple, minlength=6).numpy()).pvalue > 1e-3
+    within = torch.zeros(2, 6)
+    within.index_put_((pair, triple), torch.ones(len(pair)), accumulate=True)
+    assert chi2_contingency(within.numpy()).pvalue > 1e-3
+    across = torch.zeros(6, 6)
+    across.index_put_((triple[0::2], triple[1::2]), torch.ones(len(triple) // 2), accumulate=True)
+    assert chi2_contingency(across.numpy()).pvalue > 1e-3
+
+
+def test_shuffle_tied_runs_never_moves_entries_across_rows():
+    """Whole rows tied with the same value as the next row: runs end at the row boundary."""
+    n, C = 500, 3
+    keys = torch.arange(C).repeat(n, 1)  # random bits 0 everywhere, column bits 0..2
+    order = torch.arange(n * C).view(n, C)
+    dkpp._shuffle_tied_runs_(order, keys, 2, gen(23))
+    assert torch.equal(order.sort(1).values, torch.arange(n * C).view(n, C))
+    assert chisquare(torch.bincount(order[:, 0] % C, minlength=C).numpy()).pvalue > 1e-3
+
+
+def test_row_sort_matches_torch_sort():
+    """The CPU path sorts with numpy; every other device with torch.sort: same result."""
+    keys = torch.randint(-(2**31), 2**31 - 1, (50, 300), generator=gen(24), dtype=torch.int32)
+    keys = keys.bitwise_and_(~511).bitwise_or_(torch.arange(300, dtype=torch.int32))  # distinct per row
+    expected = torch.sort(keys, dim=1).values
+    assert torch.equal(dkpp._sort_rows_(keys.clone()), expected)
+
+
+
+@pytest.mark.parametrize("drawn", ["zero", "all_ones"])
+def test_orders_uniform_when_every_key_draws_the_same_random_bits(drawn):
+    """C = 4, anchor 2: all three other columns draw the same random bits (all 0, or all 1), so
+    the sort alone would order them by index. The tie step must make all 3! orders equally
+    likely, independently per row, and leave the anchor slot first."""
+    n = 6000
+    value = 0 if drawn == "zero" else -1
+    keys = torch.full((n, 4), value, dtype=torch.int32)
+    anchor = torch.full((n,), 2)
+    order = dkpp._orders_from_random_bits_(keys, anchor, gen(25))
+    assert (order[:, 0] == 0).all()
+    assert torch.equal(order[:, 1:].sort(1).values, torch.tensor([0, 1, 3], dtype=torch.int32).repeat(n, 1))
+    ids = _arrangement_ids(order[:, 1:], [0, 1, 3])
+    assert chisquare(torch.bincount(ids, minlength=6).numpy()).pvalue > 1e-3
+    table = torch.zeros(6, 6)
+    table.index_put_((ids[0::2], ids[1::2]), torch.ones(n // 2), accumulate=True)
+    assert chi2_contingency(table.numpy()).pvalue > 1e-3
+
+
+def test_only_the_anchor_key_is_negative():
+    """Column 0 draws the int32 minimum (only the sign bit set, which is cleared): it sorts
+    right after the anchor (the one negative key), the rest in random-bit order, no ties."""
+    keys = torch.tensor([[torch.iinfo(torch.int32).min, 5 << 3, 1 << 3, 7 << 3, 3 << 3, 2 << 3]], dtype=torch.int32)
+    order = dkpp._orders_from_random_bits_(keys, torch.tensor([4]), gen(26))
+    assert order.tolist() == [[0, 0, 2, 5, 1, 3]]
+
+
+def test_shuffle_tied_runs_leaves_columns_before_start_alone():
+    n = 2000
+    order = torch.arange(4, dtype=torch.int32).repeat(n, 1)
+    keys = (torch.tensor([0, 0, 1, 1], dtype=torch.int32) << 2) | order
+    dkpp._shuffle_tied_runs_(order, keys, 2, gen(27), start=1)
+    assert (order[:, :2] == torch.tensor([0, 1], dtype=torch.int32)).all()  # 0-1 tie ignored, 1 alone
+    assert chisquare(torch.bincount((order[:, 2] == 3).long(), minlength=2).numpy()).pvalue > 1e-3

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,7 +78,7 @@ def _load_model(state: dict, bundle: DatasetBundle, device: torch.device) -> nn.
 
 def _completed_state(run: RunDir, gen: int) -> dict | None:
     """The checkpoint of a finished generation (loaded once, reused as the next teacher), else None."""
-    if not run.checkpoint_path(gen).exists() or not (run.gen_dir(gen) / "test_logits.npy").exists():
+    if not run.checkpoint_path(gen).exists() or not run.layout.logits(gen, "test").exists():
         return None
     state = run.load_checkpoint(gen)
     return state if state.get("complete", False) else None
@@ -94,14 +96,85 @@ def _import_teacher(cfg: RunConfig, run: RunDir, bundle: DatasetBundle, device: 
     run.save_checkpoint(0, state)
     if "metrics" in state:
         run.write_metrics(0, state["metrics"])
+    best = _imported_best(state, cfg.teacher.checkpoint, bundle)
+    if best is not None and getattr(run, "writable", True):
+        run.save_logits(0, "val", best["val_logits"], best=True)
+        run.save_logits(0, "test", best["test_logits"], best=True)
     run.update_manifest(generations={"0": {"arch": state["arch"],
                                            "source_checkpoint": str(cfg.teacher.checkpoint),
-                                           "source_sha256": sha256_file(cfg.teacher.checkpoint)}})
+                                           "source_sha256": sha256_file(cfg.teacher.checkpoint),
+                                           "best_epoch": best["epoch"] if best is not None else None}})
     return model
+
+
+def _imported_best(state: dict, checkpoint, bundle: DatasetBundle) -> dict | None:
+    """The best-epoch record an imported checkpoint brings, if it is about this run's splits.
+
+    Its logits are of the source run's val and test splits; they are kept only when the
+    checkpoint lies in a run folder (``<run>/gen-<k>/checkpoint.pt``, a study's teacher) whose
+    saved targets equal this run's, label for label.
+    """
+    import numpy as np
+
+    from ban_analysis.layout import RunLayout
+
+    best = state.get("best")
+    if not best:
+        return None
+    source = RunLayout(Path(checkpoint).resolve().parent.parent)
+    for split in ("val", "test"):
+        path = source.targets(split)
+        labels = getattr(bundle, split).y.cpu().numpy()
+        if not path.is_file() or not np.array_equal(np.load(path), labels) \
+                or tuple(best[f"{split}_logits"].shape) != (len(labels), bundle.num_classes):
+            return None
+    return best
+
+
+def _noisy_labels(cfg: RunConfig, bundle: DatasetBundle):
+    """The bundle with ``data.label_noise`` applied to its train split, and the record of it.
+
+    Drawn from ``data.label_noise.seed`` alone (not the run seed), so the teacher and every
+    student of a run folder, and every seed and objective of a study, train on the same labels.
+    """
+    from ban_analysis.config import ConfigError
+    from ban_analysis.data.label_noise import check_class_map, noisy_train_split
+
+    noise = cfg.data.label_noise
+    try:  # the class count is known only now for image folders
+        check_class_map(noise.class_map, bundle.num_classes, key="data.label_noise.class_map")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return noisy_train_split(bundle, noise.rate, noise.kind, noise.seed, noise.class_map)
+
+
+def _normalised_split(split, bundle: DatasetBundle, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of a whole split as the model sees it in evaluation: float32, normalised, no augmentation."""
+    from ban_analysis.data import iterate_batches
+
+    xs = [x for x, _, _ in iterate_batches(split, batch_size, shuffle=False, augment="none",
+                                           mean=bundle.mean, std=bundle.std)]
+    x = torch.cat(xs) if xs else torch.empty(0, *bundle.input_shape, device=split.x.device)
+    return x, split.y
 
 
 def run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen: int | None = None,
               progress: bool = True) -> dict | None:
+    """Train (or resume) the whole chain into the run folder ``out_dir``; returns summary.json's dict.
+
+    The whole call holds the folder's lock (``RunDir.lock``; rank 0's under torchrun): a second
+    process on the same folder gets a RunFolderError naming the holder's pid, and a folder left
+    by a killed process resumes as usual. See :func:`_run_chain` for what it does.
+    """
+    from ban_analysis.engine import distributed
+
+    lock = RunDir(out_dir).lock() if distributed.env_world().is_main else contextlib.nullcontext()
+    with lock:
+        return _run_chain(cfg, out_dir, device=device, until_gen=until_gen, progress=progress)
+
+
+def _run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen: int | None = None,
+               progress: bool = True) -> dict | None:
     """Train (or resume) the whole chain into the run folder ``out_dir``; returns summary.json's dict.
 
     Generation 0 is trained on labels (objective "ce"), or imported from ``teacher.checkpoint``;
@@ -110,35 +183,58 @@ def run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen:
     summary is written only once every generation is complete (None is returned before).
     """
     from ban_analysis.data import load_dataset
+    from ban_analysis.engine import distributed
     from ban_analysis.engine.runs import atomic_save_npy, now, sha256_file
 
-    run = RunDir(out_dir)
+    # under torchrun, rank 0 alone writes the folder (engine/distributed.py)
+    run = distributed.run_dir_for(out_dir, distributed.env_world())
     resuming = run.check_config(cfg.to_dict())
     last_gen = cfg.ban.generations if until_gen is None else min(until_gen, cfg.ban.generations)
     if resuming and run.is_complete():
         logger.info("%s is complete; nothing to do", run.path)
         return run.summary()
-    torch_device = resolve_device(device)
+    # under torchrun: join the process group, and this rank's device
+    world, torch_device = distributed.setup(resolve_device(device))
     d = cfg.data
     bundle = load_dataset(d.name, root=d.root or None, val_size=d.val_size, val_seed=d.val_seed,
                           train_subset=d.train_subset, image_size=d.image_size or None,
                           cache_dir=d.cache_dir or None, device=torch_device)
+    noise = None
+    if d.label_noise.rate > 0:  # rate 0: not a single random number drawn, the bundle untouched
+        bundle, noise = _noisy_labels(cfg, bundle)
+    distributed.barrier(world)  # every rank has read the folder before rank 0 writes to it
     run.bind_config(cfg.to_dict())  # only now: a run that cannot start leaves no folder behind
     run.start_manifest(cfg.seed, describe_device(torch_device))
     for split in ("val", "test"):
         labels = getattr(bundle, split).y.cpu().numpy().astype("int64")
-        atomic_save_npy(run.path / f"{split}_targets.npy", labels)
+        if world.is_main:
+            atomic_save_npy(run.layout.targets(split), labels)
+    clean_by_id = None  # with label noise: sample id -> clean label (-1 off the train split)
+    if noise is not None:
+        from ban_analysis.engine.runs import atomic_save_npz
+
+        if world.is_main:
+            atomic_save_npz(run.layout.label_noise, noise.arrays())
+        run.update_manifest(label_noise=noise.info)
+        clean_by_id = torch.full((int(bundle.train.index.max()) + 1,), -1, dtype=torch.long, device=torch_device)
+        clean_by_id[bundle.train.index] = torch.from_numpy(noise.clean).to(torch_device)
     hook_runner = None
     if cfg.hooks:
         from ban_analysis.instrument.hooks import HookRunner
 
         # fuse_backward: update_share and param_split reuse the trainer's own backward pass
-        # (about one backward pass less per call; benchmarks/README.md, Hooks)
+        # (about one backward pass less per call; benchmarks/README.md, Hooks). Not under
+        # torchrun: there .grad after the backward is the all-reduced gradient of every rank,
+        # while the hooks measure this rank's shard.
         hook_runner = HookRunner(cfg.hooks, seed=cfg.seed, train_size=len(bundle.train.index),
-                                 train_index=bundle.train.index, fuse_backward=True)
+                                 train_index=bundle.train.index, fuse_backward=not world.enabled,
+                                 clean_labels=clean_by_id)
+        if hook_runner.heldout_hooks():  # heldout_attribution: its fixed rows of the validation split
+            hook_runner.set_heldout(*_normalised_split(bundle.val, bundle, cfg.train.eval_batch_size))
 
     teacher = None
     for gen in range(last_gen + 1):
+        distributed.barrier(world)  # rank 0 has written the previous generation's files
         arch, params = arch_for_gen(cfg, gen)
         state = _completed_state(run, gen)
         if state is not None:
@@ -150,7 +246,7 @@ def run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen:
             run.save_logits(0, "test", predict(teacher, bundle.test, bundle, cfg.train.eval_batch_size))
             continue
         objective = objective_for_gen(cfg, gen)
-        parent_sha = sha256_file(run.checkpoint_path(gen - 1)) if gen > 0 else None
+        parent_sha = sha256_file(run.checkpoint_path(gen - 1)) if gen > 0 and world.is_main else None
         run.update_manifest(generations={str(gen): {"arch": arch, "objective": objective.name,
                                                     "parent_sha256": parent_sha, "started": now()}})
         model = build_model(arch, params, bundle, cfg.seed, gen).to(torch_device)
@@ -159,25 +255,43 @@ def run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen:
         result = train_generation(model, objective, bundle, cfg.train, gen=gen, seed=cfg.seed,
                                   teacher=teacher if objective.needs_teacher else None, run=run,
                                   hooks=hook_runner, augment=cfg.data.augment, pad=cfg.data.pad,
-                                  progress=progress, arch_info=state_for_arch(arch, params))
+                                  progress=progress and world.is_main, arch_info=state_for_arch(arch, params),
+                                  clean_targets=clean_by_id, tensorboard=cfg.log.tensorboard)
+        if result.best is not None and world.is_main:  # before test_logits.npy, which marks the gen complete
+            run.save_logits(gen, "val", result.best["val_logits"], best=True)
+            run.save_logits(gen, "test", result.best["test_logits"], best=True)
         run.save_logits(gen, "val", result.val_logits)
         run.save_logits(gen, "test", result.test_logits)
-        run.update_manifest(generations={str(gen): {
-            "arch": arch, "objective": objective.name, "parent_sha256": parent_sha,
-            "checkpoint_sha256": sha256_file(run.checkpoint_path(gen)), "finished": now()}})
+        if world.is_main:
+            run.update_manifest(generations={str(gen): {
+                "arch": arch, "objective": objective.name, "parent_sha256": parent_sha,
+                "checkpoint_sha256": sha256_file(run.checkpoint_path(gen)), "finished": now(),
+                "best_epoch": result.best["epoch"] if result.best is not None else None}})
         teacher = freeze(model)
     if hook_runner is not None:
         run.update_manifest(hooks=hook_runner.info())
     if last_gen < cfg.ban.generations:
         return None
-    summary = summarize(run, cfg)
-    run.write_summary(summary)
-    run.update_manifest(finished=now())
-    return summary
+    if not world.enabled:
+        summary = summarize(run, cfg)
+        run.write_summary(summary)
+        run.update_manifest(finished=now())
+        return summary
+    distributed.barrier(world)  # rank 0 has written every generation's files
+    if world.is_main:
+        summary = summarize(run, cfg)
+        run.write_summary(summary)
+        run.update_manifest(finished=now())
+    distributed.barrier(world)  # and the summary
+    return summary if world.is_main else run.summary()
 
 
 def summarize(run: RunDir, cfg: RunConfig) -> dict:
-    """summary.json from the run folder's files: per-generation metrics and cumulative ensembles."""
+    """summary.json from the run folder's files: per-generation metrics and cumulative ensembles.
+
+    The plain keys (``val_acc``, ``test_acc``, ...) are the last epoch's model; ``best_*`` are the
+    best-validation epoch's (``train.track_best``), scored the same way, None without a record.
+    """
     import numpy as np
 
     from ban_analysis.engine.metrics import ensemble_metrics, logit_metrics
@@ -185,7 +299,7 @@ def summarize(run: RunDir, cfg: RunConfig) -> dict:
     test_targets = np.load(run.layout.targets("test"))
     val_targets = np.load(run.layout.targets("val"))
     manifest_gens = run.manifest().get("generations", {})
-    generations, test_logits, warnings = [], {}, []
+    generations, test_logits, best_logits, warnings = [], {}, {}, []
     for gen in range(cfg.ban.generations + 1):
         test_logits[gen] = _scored(run.load_logits(gen, "test"), test_targets, cfg.data.test_scoring)
         warnings += _unpredicted_classes(test_logits[gen], test_targets, gen, cfg.data.test_scoring)
@@ -195,9 +309,11 @@ def summarize(run: RunDir, cfg: RunConfig) -> dict:
         val_acc = float((val_logits.argmax(1) == val_targets).mean()) if len(val_targets) else None
         m = logit_metrics(test_logits[gen], test_targets)
         objective = "ce" if gen == 0 else cfg.ban.objective
+        best, best_logits[gen] = _best_of_gen(run, gen, manifest_gens.get(str(gen), {}), test_targets,
+                                              val_targets, cfg.data.test_scoring)
         generations.append({"gen": gen, "objective": objective, "arch": arch,
                             "val_acc": _finite_or_none(val_acc), "test_acc": m["acc"],
-                            "test_nll": m["nll"], "test_ece": m["ece"]})
+                            "test_nll": m["nll"], "test_ece": m["ece"], **best})
     ensembles = []
     first_options = [1] + ([0] if cfg.ban.ensemble_with_teacher else [])
     for first in first_options:
@@ -205,15 +321,40 @@ def summarize(run: RunDir, cfg: RunConfig) -> dict:
             members = list(range(first, last + 1))
             m = ensemble_metrics([test_logits[g] for g in members], test_targets,
                                  teacher_logits=test_logits[0])
-            ensembles.append({"members": members, "with_teacher": first == 0, "test_acc": m["acc"],
-                              "test_nll": m["nll"], "test_ece": m["ece"],
-                              "agreement_with_teacher": m["agreement"]})
+            row = {"members": members, "with_teacher": first == 0, "test_acc": m["acc"],
+                   "test_nll": m["nll"], "test_ece": m["ece"], "agreement_with_teacher": m["agreement"]}
+            best = dict.fromkeys(("best_test_acc", "best_test_nll", "best_test_ece", "best_agreement_with_teacher"))
+            if all(best_logits[g] is not None for g in members):  # the members' best epochs
+                b = ensemble_metrics([best_logits[g] for g in members], test_targets, teacher_logits=best_logits[0])
+                best.update(best_test_acc=b["acc"], best_test_nll=b["nll"], best_test_ece=b["ece"],
+                            best_agreement_with_teacher=b.get("agreement"))
+            ensembles.append({**row, **best})
     out = {"generations": generations, "ensembles": ensembles}
     if cfg.data.test_scoring != "all":
         out["test_scoring"] = cfg.data.test_scoring
     if warnings:
         out["warnings"] = warnings
     return out
+
+
+BEST_KEYS = ("best_epoch", "best_val_acc", "best_test_acc", "best_test_nll", "best_test_ece")
+
+
+def _best_of_gen(run: RunDir, gen: int, manifest_gen: dict, test_targets, val_targets, scoring: str):
+    """({best_* of one generation}, its scored best test logits) from best_*_logits.npy; Nones without them."""
+    from ban_analysis.engine.metrics import logit_metrics
+
+    if not run.layout.best_logits(gen, "test").exists():
+        return dict.fromkeys(BEST_KEYS), None
+    test = _scored(run.load_logits(gen, "test", best=True), test_targets, scoring)
+    val = run.load_logits(gen, "val", best=True)
+    epoch = manifest_gen.get("best_epoch")
+    if epoch is None:  # the manifest spares loading the checkpoint
+        epoch = (run.load_checkpoint(gen).get("best") or {}).get("epoch")
+    val_acc = float((val.argmax(1) == val_targets).mean()) if len(val_targets) else None
+    m = logit_metrics(test, test_targets)
+    return {"best_epoch": epoch, "best_val_acc": _finite_or_none(val_acc), "best_test_acc": m["acc"],
+            "best_test_nll": m["nll"], "best_test_ece": m["ece"]}, test
 
 
 def _scored(logits, target, scoring: str):

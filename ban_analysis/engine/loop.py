@@ -10,11 +10,17 @@ so a resumed run continues exactly where the interrupted one was (same numbers o
 
 Model selection. The generation's model is its final-epoch model; the validation split is
 evaluated every epoch for monitoring and for choosing hyperparameters, never for picking epochs
-(early stopping per generation would add a noisy selection step to every comparison).
+(early stopping per generation would add a noisy selection step to every comparison). Beside it,
+with ``train.track_best`` (default on), the epoch with the best validation accuracy so far
+(strictly greater: ties keep the earlier epoch) has its val and test logits kept, in the
+checkpoint while training and as ``best_*_logits.npy`` at the end, so a study can report either
+epoch (``report_epoch``); this costs one test-set prediction per improving epoch. Neither the
+predictions nor the record touch a random stream: the training numbers are the same either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -28,6 +34,8 @@ from tqdm.auto import tqdm
 
 from ban_analysis.config import TrainConfig
 from ban_analysis.data import DatasetBundle, Split, iterate_batches
+from ban_analysis.engine import distributed
+from ban_analysis.engine.amp import make_scaler
 from ban_analysis.engine.runs import HookWriter, RunDir
 from ban_analysis.engine.step import autocast_context, train_step
 from ban_analysis.models import create_model
@@ -97,12 +105,15 @@ class GenerationResult:
     metrics: list[dict] = field(default_factory=list)  # one row per epoch (runs.METRIC_COLUMNS)
     val_logits: torch.Tensor | None = None
     test_logits: torch.Tensor | None = None
+    # the best-validation epoch (train.track_best): {"epoch", "val_acc", "val_logits", "test_logits"}
+    best: dict | None = None
 
 
 def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: TrainConfig, *,
                      gen: int, seed: int, teacher: nn.Module | None = None, run: RunDir | None = None,
                      hooks=None, augment: str = "none", pad: int = 4, progress: bool = True,
-                     arch_info: dict | None = None) -> GenerationResult:
+                     arch_info: dict | None = None, clean_targets: torch.Tensor | None = None,
+                     tensorboard: bool = False) -> GenerationResult:
     """Train one generation: ``model`` from scratch with ``objective``, taught by ``teacher``.
 
     Args:
@@ -113,17 +124,28 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
         run: where checkpoints, metrics and hook output go; with a checkpoint of this generation
             there, training resumes after its last completed epoch.
         hooks: a :class:`ban_analysis.instrument.hooks.HookRunner` or None.
+        clean_targets: with label noise, the clean label of each training sample by sample id
+            ((max id + 1,) int64 on the data's device). The metrics rows then gain
+            ``train_acc_clean`` (accuracy against the clean labels) and ``memorised`` (share of
+            the noisy samples predicted as their noisy label), both from the training step's own
+            logits over the epoch's batches, like ``train_acc``: no extra forward pass.
+        tensorboard: also write each epoch's metrics and hook means as TensorBoard scalars under
+            ``run.layout.tensorboard(gen)`` (:mod:`ban_analysis.engine.tracking`); needs ``run``.
     Returns:
-        A GenerationResult with the per-epoch metrics and final val/test logits.
+        A GenerationResult with the per-epoch metrics, final val/test logits and, with
+        ``cfg.track_best``, the best-validation epoch's record.
     """
     if objective.needs_teacher and teacher is None:
         raise ValueError(f"objective {objective.name!r} needs a teacher; generation {gen} has none")
     device = bundle.train.x.device
     optimizer = make_optimizer(model, cfg)
+    scaler = make_scaler(cfg.amp, device)  # fp16 autocast only (amp.py); None for bf16 and off
+    world = distributed.current()  # a single process unless started by torchrun (distributed.py)
     data_gen = seeded_generator(seed, "data", gen, device)
     objective_gen = seeded_generator(seed, "objective", gen, device)
     torch_state = _seeded_cpu_state(derive_seed(seed, "torch", gen))
     start_epoch, metrics = 0, []
+    track_best, best = cfg.track_best, None
     if run is not None and run.checkpoint_path(gen).exists():
         state = run.load_checkpoint(gen)
         model.load_state_dict(state["model"])
@@ -131,11 +153,21 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
         data_gen.set_state(state["rng"]["data"])
         objective_gen.set_state(state["rng"]["objective"])
         torch_state = state["rng"]["torch"]
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         start_epoch, metrics = state["epoch"], list(state["metrics"])
+        best = state.get("best")
+        if track_best and "best" not in state and start_epoch > 0:
+            track_best = False  # a checkpoint of an older version: its earlier epochs' logits are gone
+            logger.warning("gen %d: the checkpoint has no best-epoch record; this generation will have none", gen)
         logger.info("gen %d: resuming after epoch %d of %d", gen, start_epoch, cfg.epochs)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if cfg.compile else model
+    trained, shard = model, None  # under torchrun: the DDP wrapper, and this rank's share of each batch
+    if world.enabled:
+        distributed.check_global_batches(len(bundle.train.y), cfg.batch_size, world)
+        trained, shard = distributed.wrap_ddp(model, world, device, cfg.sync_batchnorm)
+    forward = torch.compile(trained) if cfg.compile else trained
 
     teacher_train_logits, row_of = None, None
     if teacher is not None and augment == "none":
@@ -147,8 +179,13 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
         row_of[bundle.train.index] = torch.arange(len(bundle.train.index), device=device)
 
     steps_per_epoch = math.ceil(len(bundle.train.y) / cfg.batch_size)
-    writer = HookWriter(run, gen) if (run is not None and hooks is not None) else None
-    with torch.random.fork_rng(devices=[]):
+    writer = distributed.hook_writer_for(run, gen, world) if (run is not None and hooks is not None) else None
+    board = None  # TensorBoard, written where the run folder is (rank 0 under torchrun)
+    if tensorboard and run is not None and getattr(run, "writable", True):
+        from ban_analysis.engine.tracking import TensorBoardLog
+
+        board = TensorBoardLog(run.layout.tensorboard(gen), start_epoch)
+    with torch.random.fork_rng(devices=[]), (contextlib.closing(board) if board else contextlib.nullcontext()):
         torch.set_rng_state(torch_state)
         for epoch in range(start_epoch, cfg.epochs):
             lr = lr_at(cfg, epoch)
@@ -156,13 +193,19 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
                 group["lr"] = lr
             model.train()
             started = time.perf_counter()
-            loss_sum, correct, seen = 0.0, 0, 0
+            loss_sum, correct, seen, skipped = 0.0, 0, 0, 0
+            if clean_targets is not None:  # predicted the clean label, noisy samples, memorised
+                noise_counts = torch.zeros(3, dtype=torch.long, device=device)
             bar = tqdm(total=steps_per_epoch, desc=f"gen {gen} epoch {epoch + 1}/{cfg.epochs}",
                        leave=False, disable=not progress, unit="batch")
             batches = iterate_batches(bundle.train, cfg.batch_size, shuffle=True, generator=data_gen,
                                       augment=augment, pad=pad, mean=bundle.mean, std=bundle.std)
             for i, (x, target, index) in enumerate(batches):
                 step = epoch * steps_per_epoch + i
+                if shard is not None:  # this rank's contiguous slice of the global batch
+                    lo, hi = distributed.shard_bounds(target.shape[0], world)
+                    shard.weight = (hi - lo) / target.shape[0]
+                    x, target, index = x[lo:hi], target[lo:hi], index[lo:hi]
                 if cfg.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 teacher_logits = None
@@ -170,41 +213,74 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
                     teacher_logits = teacher_train_logits[row_of[index]]
                 result = train_step(model, objective, x, target, optimizer, teacher=teacher,
                                     teacher_logits=teacher_logits, hooks=hooks, step=step, gen=gen, epoch=epoch,
-                                    sample_index=index, generator=objective_gen, amp=cfg.amp, forward=forward)
+                                    sample_index=index, generator=objective_gen, amp=cfg.amp, scaler=scaler,
+                                    forward=forward)
+                skipped += result.skipped
                 if result.hook_rows and writer is not None:
                     writer.add(epoch, step, result.hook_rows)
                 n = target.shape[0]
                 loss_sum += result.loss.item() * n
                 correct += (result.student_logits.argmax(1) == target).sum().item()
+                if clean_targets is not None:
+                    noise_counts += _noise_counts(result.student_logits, target, clean_targets[index])
                 seen += n
                 bar.update(1)
                 if i % 20 == 0:
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
             bar.close()
+            if world.enabled:  # the epoch's sums over all ranks; rank 0's BatchNorm buffers everywhere
+                counts = noise_counts.tolist() if clean_targets is not None else []
+                sums = distributed.all_sum([loss_sum, correct, seen, skipped, *counts], world, device)
+                loss_sum, correct, seen, skipped = sums[0], *(int(v) for v in sums[1:4])
+                if clean_targets is not None:
+                    noise_counts = torch.tensor([int(v) for v in sums[4:]], dtype=torch.long)
+                distributed.broadcast_buffers(model, world)
             val_logits = predict(model, bundle.val, bundle, cfg.eval_batch_size, cfg.amp, cfg.channels_last)
             row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                    **_split_loss_acc(val_logits, bundle.val.y), "lr": lr,
                    "seconds": time.perf_counter() - started}
+            if clean_targets is not None:
+                clean_ok, noisy, memorised = noise_counts.tolist()
+                row["train_acc_clean"] = clean_ok / seen
+                row["memorised"] = memorised / noisy if noisy else float("nan")
+            if scaler is not None:  # fp16: optimizer steps skipped for inf/NaN gradients this epoch
+                row["skipped_steps"] = skipped
             metrics.append(row)
+            if track_best and row["val_acc"] > (best["val_acc"] if best else -math.inf):  # NaN: never
+                best = {"epoch": epoch + 1, "val_acc": row["val_acc"], "val_logits": val_logits.float().cpu(),
+                        "test_logits": predict(model, bundle.test, bundle, cfg.eval_batch_size, cfg.amp,
+                                               cfg.channels_last).float().cpu()}
             logger.info("gen %d epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.1fs)",
                         gen, epoch + 1, cfg.epochs, row["train_loss"], row["train_acc"],
                         row["val_loss"], row["val_acc"], row["seconds"])
             if run is not None:
-                if writer is not None:
-                    writer.flush(epoch)  # before the checkpoint: a crash in between redoes the epoch
+                hook_means = {}
+                if writer is not None:  # before the checkpoint: a crash in between redoes the epoch
+                    hook_means = writer.flush(epoch, means=True) if board is not None else writer.flush(epoch)
+                if board is not None:  # also before it; a redone epoch's events replace these (purge_step)
+                    board.log_epoch(row, hook_means or {})
                 run.write_metrics(gen, metrics)
                 last = epoch + 1 == cfg.epochs
                 if last or (epoch + 1) % cfg.checkpoint_every == 0:
                     run.save_checkpoint(gen, {
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "epoch": epoch + 1, "complete": last, "metrics": metrics,
+                        **({"best": best} if track_best else {}),  # absent: no record (resume keeps none)
                         "rng": {"data": data_gen.get_state(), "objective": objective_gen.get_state(),
                                 "torch": torch.get_rng_state()},
+                        **({"scaler": scaler.state_dict()} if scaler is not None else {}),
                         **(arch_info or {})})
-    result = GenerationResult(gen=gen, metrics=metrics)
+    result = GenerationResult(gen=gen, metrics=metrics, best=best if track_best else None)
     result.val_logits = predict(model, bundle.val, bundle, cfg.eval_batch_size, cfg.amp, cfg.channels_last)
     result.test_logits = predict(model, bundle.test, bundle, cfg.eval_batch_size, cfg.amp, cfg.channels_last)
     return result
+
+
+def _noise_counts(logits: torch.Tensor, target: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """(3,) counts in one batch: predicted the clean label, noisy samples, noisy ones predicted as their noisy label."""
+    pred = logits.argmax(1)
+    noisy = target != clean
+    return torch.stack([(pred == clean).sum(), noisy.sum(), (noisy & (pred == target)).sum()])
 
 
 def _seeded_cpu_state(seed: int) -> torch.Tensor:

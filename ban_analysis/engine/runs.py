@@ -3,13 +3,18 @@
 The layout itself (every path and column) is :mod:`ban_analysis.layout`; this module writes it.
 
 Every file is written to a temporary name and renamed into place, so a kill at any moment
-leaves either the old file or the new one, never half of one.
+leaves either the old file or the new one, never half of one; a write that fails (a full disk)
+removes its temporary file and raises :class:`RunFolderError` naming the file. While a process
+trains into a folder it holds the folder's lock (:func:`folder_lock`), so a second process on
+the same folder is refused instead of interleaving its files with the first one's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
+import errno
 import hashlib
 import io
 import json
@@ -38,14 +43,102 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def write_error(path: Path, err: OSError) -> RunFolderError:
+    """The one-line error for a file that could not be written (the CLI exits 2 with it)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "no space left on device (disk full?); free space"
+    else:
+        why = f"{err.strerror or type(err).__name__}; fix that"
+    return RunFolderError(f"could not write {path}: {why} and rerun the same command to resume")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` to ``path`` through a temporary file renamed into place (fsync'd first).
+
+    Any OSError (ENOSPC, EDQUOT, EIO, ...) removes the temporary file and becomes a
+    :class:`RunFolderError`; the file at ``path`` is then the old one, if there was one.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise write_error(path, err) from None
+
+
+@contextlib.contextmanager
+def folder_lock(lock_path: Path, folder: Path):
+    """Hold the lock of ``folder`` (a run or study folder) while the block runs.
+
+    ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``lock_path``, which then holds this process's pid. A
+    second process is refused at once with a :class:`RunFolderError` naming the folder and the
+    holder's pid. The kernel drops the lock when its process ends, however it ends, so a lock
+    file left by a killed process never blocks the rerun. On release the lock file is removed,
+    and so are ``folder`` and its parents if this call created them and they are still empty (a
+    run that failed before it started leaves no folder behind).
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    folder, lock_path = Path(folder), Path(lock_path)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    for attempt in range(10):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # another process removed an empty folder just now
+            continue
+        except OSError as err:
+            raise write_error(lock_path, err) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise RunFolderError(f"{folder} is in use by another ban-analysis process (pid {holder}); "
+                                 "wait for it or use another --out folder") from None
+        except OSError as err:  # a file system without locks
+            os.close(fd)
+            raise RunFolderError(f"could not lock {lock_path}: {err.strerror}") from None
+        try:  # the holder before us may have removed the file after we opened it: then lock the new one
+            same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:
+        raise RunFolderError(f"could not lock {lock_path}: it keeps being replaced by another process")
+    try:
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as err:
+            raise write_error(lock_path, err) from None
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock_path.unlink()  # before the unlock: a waiter that gets the old file retries
+            for path in created:  # only folders this call made, and only while empty
+                path.rmdir()
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text if text.isdigit() else "unknown"
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -55,6 +148,13 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """An uncompressed ``.npz`` of ``arrays`` (name -> array), written atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -106,6 +206,17 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def _with_defaults(stored: dict) -> dict:
+    """A stored config.json with every key added since it was written filled with its default, so a
+    run folder written by an older version resumes when its config is otherwise the same."""
+    from ban_analysis.config import ConfigError, RunConfig, build_section
+
+    try:
+        return json.loads(json.dumps(build_section(RunConfig, stored).to_dict()))
+    except (ConfigError, TypeError, ValueError):
+        return stored  # a key this version does not know: compared as stored (and refused)
+
+
 class RunDir:
     """One run folder: config, manifest, per-generation files, and the hook writer's output."""
 
@@ -122,16 +233,22 @@ class RunDir:
         """
         cfg_path = self.layout.config
         if cfg_path.exists():
-            diff = _diff_keys(read_json(cfg_path), json.loads(json.dumps(config)))
+            diff = _diff_keys(_with_defaults(read_json(cfg_path)), json.loads(json.dumps(config)))
+            # the [log] section changes no number: a resume may turn TensorBoard on or off
+            diff = [k for k in diff if k != "log" and not k.startswith("log.")]
             if diff:
                 raise RunFolderError(
                     f"{self.path} holds a run with a different config (differs in: {', '.join(diff[:5])}); "
                     "use another --out folder or the original config")
             return True
-        if self.path.exists() and any(self.path.iterdir()):
+        if self.path.exists() and any(p.name != self.layout.lock.name for p in self.path.iterdir()):
             raise RunFolderError(f"{self.path} exists, is not empty and holds no config.json; "
                                  "choose an empty or new --out folder")
         return False
+
+    def lock(self):
+        """Context manager: hold this folder's lock (:func:`folder_lock`) while a process trains into it."""
+        return folder_lock(self.layout.lock, self.path)
 
     def bind_config(self, config: Mapping[str, Any]) -> bool:
         """Check (see :meth:`check_config`) and write config.json if new. Returns True if resuming."""
@@ -191,12 +308,13 @@ class RunDir:
             writer.writerow({k: row[k] for k in columns})
         atomic_write_bytes(self.layout.metrics(gen), buf.getvalue().encode())
 
-    def save_logits(self, gen: int, split: str, logits: torch.Tensor) -> None:
-        atomic_save_npy(self.layout.logits(gen, split),
-                        logits.detach().float().cpu().numpy())
+    def save_logits(self, gen: int, split: str, logits: torch.Tensor, best: bool = False) -> None:
+        """The last epoch's logits, or with ``best`` the best-validation epoch's."""
+        path = self.layout.best_logits(gen, split) if best else self.layout.logits(gen, split)
+        atomic_save_npy(path, logits.detach().float().cpu().numpy())
 
-    def load_logits(self, gen: int, split: str = "test") -> np.ndarray:
-        path = self.layout.logits(gen, split)
+    def load_logits(self, gen: int, split: str = "test", best: bool = False) -> np.ndarray:
+        path = self.layout.best_logits(gen, split) if best else self.layout.logits(gen, split)
         if not path.exists():
             raise RunFolderError(f"{path} is missing")
         return np.load(path)
@@ -257,13 +375,20 @@ class HookWriter:
                 block[name] = np.broadcast_to(a, (n_rows,)) if a.ndim == 0 else a
             self._buffers.setdefault(hook, []).append(block)
 
-    def flush(self, epoch: int) -> None:
+    def flush(self, epoch: int, means: bool = False) -> dict[str, dict[str, float]]:
+        """Write the epoch's files; with ``means``, return {hook: {column: mean over the epoch's rows}}
+        of every floating-point or boolean column (integer columns are ids and labels: left out)."""
         import pandas as pd
 
+        out = {}
         for hook, blocks in self._buffers.items():
             frame = pd.concat([pd.DataFrame(b) for b in blocks], ignore_index=True)
             buf = io.BytesIO()
             frame.to_parquet(buf, index=False, compression="zstd")
             atomic_write_bytes(self.run.hook_file(self.gen, hook, epoch), buf.getvalue())
+            if means:
+                numeric = frame.select_dtypes(include=["floating", "bool"])
+                out[hook] = {name: float(value) for name, value in numeric.mean().items()}
         self._buffers.clear()
+        return out
 

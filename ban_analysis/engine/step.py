@@ -1,8 +1,9 @@
 """One training step, the public unit a researcher can call from their own loop.
 
 ``train_step``: teacher logits -> student forward -> objective -> hooks -> backward ->
-(gradient scaler) -> optimizer step. It works with a registered objective (whose output carries
-a closed-form ``logit_grad``) and with any loss callable
+(gradient scaler) -> optimizer step -> the hooks that measure after it (``HookRunner.after_step``).
+It works with a registered objective (whose output carries a closed-form ``logit_grad``) and
+with any loss callable
 ``loss_fn(student_logits, teacher_logits, target) -> scalar``: :func:`as_objective` wraps it and
 takes ``logit_grad`` from ``torch.autograd.grad`` on the logits (one backward through the loss
 only, not the model), so every hook instruments it as it instruments ours.
@@ -112,6 +113,12 @@ def check_finite(loss: Tensor, student_logits: Tensor, *, where: str, lr: float)
         "the run diverged: lower train.lr, or set train.amp=off")
 
 
+def _merge_rows(rows: dict, more: dict) -> None:
+    """Add a later phase's columns to the step's rows: one row per hook and step."""
+    for hook, columns in more.items():
+        rows[hook] = {**rows.get(hook, {}), **columns}
+
+
 def train_step(model: nn.Module, objective: Any, x: Tensor, target: Tensor, optimizer: torch.optim.Optimizer, *,
                teacher: nn.Module | None = None, teacher_logits: Tensor | None = None, hooks: Any = None,
                step: int = 0, gen: int = 1, epoch: int = 0, sample_index: Tensor | None = None,
@@ -133,7 +140,8 @@ def train_step(model: nn.Module, objective: Any, x: Tensor, target: Tensor, opti
         forward: the callable that runs the model (a ``torch.compile``'d model), default ``model``.
 
     Returns:
-        StepOutput; ``hook_rows`` holds every due hook's columns (pre- and post-backward).
+        StepOutput; ``hook_rows`` holds every due hook's columns (pre- and post-backward, and
+        after the optimizer step), one row per hook.
 
     Raises:
         TrainingDiverged: the loss (or the logits) is not finite.
@@ -160,7 +168,7 @@ def train_step(model: nn.Module, objective: Any, x: Tensor, target: Tensor, opti
         index = sample_index if sample_index is not None else torch.arange(len(target), device=target.device)
         ctx = StepContext(gen=gen, epoch=epoch, step=step, sample_index=index, inputs=x, target=target,
                           student_logits=student_logits, teacher_logits=teacher_logits, out=out,
-                          model=model, captured=getattr(capture, "captured", {}) or {})
+                          model=model, captured=getattr(capture, "captured", {}) or {}, lr=lr)
         rows.update(hooks.run(ctx))
     optimizer.zero_grad(set_to_none=True)
     skipped = False
@@ -169,6 +177,8 @@ def train_step(model: nn.Module, objective: Any, x: Tensor, target: Tensor, opti
         if hooks is not None:
             rows.update(hooks.after_backward())  # fused hooks read this backward's .grad
         optimizer.step()
+        if hooks is not None:
+            _merge_rows(rows, hooks.after_step())  # hooks that measure the updated model
     else:
         scaler.scale(out.loss).backward()
         scaler.unscale_(optimizer)  # fused hooks and the step see true gradients
@@ -178,5 +188,7 @@ def train_step(model: nn.Module, objective: Any, x: Tensor, target: Tensor, opti
         scaler.step(optimizer)  # skipped when a gradient is inf/NaN
         scaler.update()
         skipped = scaler.get_scale() < scale
+        if hooks is not None:
+            _merge_rows(rows, hooks.after_step())
     return StepOutput(loss=out.loss.detach(), student_logits=student_logits.detach(), out=out,
                       hook_rows=rows, skipped=skipped)

@@ -34,6 +34,8 @@ class StepContext:
             empty: the runner then uses what its own capture of this step recorded).
         rows: set by the runner per hook: batch positions the hook reports (None = all).
         cache: shared by the hooks of one step (e.g. the per-term batch gradients).
+        lr: the optimizer's learning rate at this step (``param_groups[0]["lr"]``, set by
+            ``train_step``); None when the trainer did not say (hooks that need it raise).
     """
 
     gen: int
@@ -49,6 +51,7 @@ class StepContext:
     captured: dict = field(default_factory=dict)
     rows: Tensor | None = None
     cache: dict = field(default_factory=dict)
+    lr: float | None = None
 
 
 class Hook:
@@ -78,8 +81,19 @@ class Hook:
         """Whether this hook has a cheaper path that reads the trainer's backward."""
         return False
 
-    def after_backward(self, ctx: StepContext) -> dict[str, Tensor]:
+    def after_backward(self, ctx: StepContext) -> dict[str, Tensor] | None:
+        """Columns of a fused hook once the trainer's backward ran; None: finished by after_step."""
         raise NotImplementedError
+
+    def after_step(self, ctx: StepContext) -> dict[str, Tensor] | None:
+        """Columns of a hook that measures after ``optimizer.step()`` (default: none).
+
+        A hook whose ``__call__`` (or, fused, ``after_backward``) returns None and that is not
+        fused is finished here: ``HookRunner.after_step`` calls it right after the trainer's
+        optimizer step with the same context (``ctx.cache`` holds what ``__call__`` stashed), and
+        what it returns is the hook's whole row for the step.
+        """
+        return None
 
     def capture_modules(self, model: nn.Module) -> tuple[list[str], bool]:
         """Modules whose (input, output) this hook needs, and whether outputs are differentiated."""

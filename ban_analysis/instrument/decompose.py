@@ -24,7 +24,10 @@ from ban_analysis.losses.base import ObjectiveOutput
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STAT_KEYS", "per_sample_stats", "split_logit_grad"]
+__all__ = ["ANCHORS", "STAT_KEYS", "anchor_index", "per_sample_stats", "split_logit_grad"]
+
+# Where the split is anchored: the label (eq. 6), or the teacher's argmax coordinate.
+ANCHORS = ("label", "teacher_argmax")
 
 # Columns returned by per_sample_stats, in order.
 STAT_KEYS = (
@@ -84,13 +87,35 @@ def split_logit_grad(logit_grad: Tensor, index: Tensor) -> tuple[Tensor, Tensor]
 
 
 @torch.no_grad()
+def anchor_index(target: Tensor, teacher_logits: Tensor | None, anchor: str = "label") -> tuple[Tensor, str]:
+    """The coordinate per sample that the split is anchored at, and the anchor in effect.
+
+    Args:
+        target: (B,) int64 labels.
+        teacher_logits: (B, C) or None (objective ``ce``).
+        anchor: ``"label"`` (eq. 6) or ``"teacher_argmax"``: the teacher's argmax, taken from
+            ``softmax(teacher_logits)`` exactly as ``per_sample_stats`` and DKPP take it (first
+            index on ties). Without a teacher the argmax is undefined and the label is used.
+
+    Returns:
+        ``(index, effective)``: (B,) int64, and ``"label"`` or ``"teacher_argmax"``.
+    """
+    if anchor not in ANCHORS:
+        raise ValueError(f"anchor must be one of {list(ANCHORS)}, got {anchor!r}")
+    if anchor == "label" or teacher_logits is None:
+        return target, "label"
+    return torch.softmax(teacher_logits.detach().float(), dim=1).argmax(dim=1), "teacher_argmax"
+
+
+@torch.no_grad()
 def per_sample_stats(
     student_logits: Tensor,
     teacher_logits: Tensor | None,
     target: Tensor,
     out: ObjectiveOutput,
+    anchor: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Per-sample quantities around the logit-level split (RESEARCH.md section 6).
+    """Per-sample quantities around the logit-level split (Furlanello et al. 2018, eqs. 6-9).
 
     Per-sample gradients are rows of ``out.logit_grad`` times B: the batch-mean factor removed,
     so for CWTM the weights have mean 1 and a sample's value is comparable across objectives.
@@ -102,10 +127,14 @@ def per_sample_stats(
             ``teacher_argmax`` is -1 (int64 cannot hold NaN).
         target: (B,) int64 labels.
         out: the objective's output for these logits.
+        anchor: (B,) int64 coordinate the split is anchored at (see :func:`anchor_index`);
+            None = the label. Only ``g_target`` and ``g_dark_norm`` depend on it; the ``p_``,
+            ``q_`` and entropy columns stay at the label.
 
     Returns:
         dict of (B,) tensors (float32 unless noted), keys ``STAT_KEYS``:
-            g_target: signed gradient value at the label, B * logit_grad[s, y_s].
+            g_target: signed gradient value at the anchor (the label y_s by default),
+                B * logit_grad[s, y_s].
             g_dark_norm: L2 norm of the rest of the row, B * |logit_grad[s, != y_s]|.
             g_norm: L2 norm of the row, B * |logit_grad[s]|.
             p_label, p_max: teacher probability at the label, and its maximum.
@@ -128,13 +157,16 @@ def per_sample_stats(
     if teacher_logits is not None:
         _check_grid("teacher_logits", teacher_logits, (B, C))
     _check_index("target", target, B, C)
+    if anchor is not None:
+        _check_index("anchor", anchor, B, C)
+    at = target if anchor is None else anchor  # the split's coordinate
 
     g = out.logit_grad.detach().float() * B  # (B, C) per-sample gradient
     col = target.unsqueeze(1)  # (B, 1)
-    g_target = g.gather(1, col).squeeze(1)  # (B,)
+    g_target = g.gather(1, at.unsqueeze(1)).squeeze(1)  # (B,)
     g_norm = torch.linalg.vector_norm(g, dim=1)  # (B,)
     # |dark|^2 = |g|^2 - g_y^2 would cancel catastrophically when the label term dominates.
-    _, dark = split_logit_grad(g, target)
+    _, dark = split_logit_grad(g, at)
     g_dark_norm = torch.linalg.vector_norm(dark, dim=1)  # (B,)
 
     log_q = torch.log_softmax(student_logits.detach().float(), dim=1)  # (B, C)

@@ -57,20 +57,23 @@ def resolve(name: str, cls: type[Hook], table: Mapping[str, Any] | None, seed: i
         pool: (N,) int64 training indices the subset is drawn from.
     """
     table = dict(table or {})
+    # A per-step hook with sample_from "val" (heldout_attribution) takes ``samples`` as the
+    # number of held-out rows; it is drawn by :func:`heldout_subset` once the data is attached.
+    heldout = not cls.per_sample and cls.sample_from == "val"
     common = ["every_n_steps", "samples"] + (["sample_from"] if cls.per_sample else [])
     valid = common + list(cls.options)
     unknown = sorted(set(table) - set(valid))
     if unknown:
         raise ValueError(f"hook {name!r}: unknown option(s) {unknown}; valid options: {', '.join(valid)}")
     every = check_int(f"hooks.{name}.every_n_steps", table.pop("every_n_steps", cls.every_n_steps), 1)
-    samples = table.pop("samples", cls.samples if cls.per_sample else "all")
+    samples = table.pop("samples", cls.samples if (cls.per_sample or heldout) else "all")
     if samples != "all":
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"hooks.{name}.samples must be 'all' or an int >= 1, got {samples!r}")
-        if not cls.per_sample:
+        if not cls.per_sample and not heldout:
             raise ValueError(f"hooks.{name}.samples must be 'all' (it is a per-step hook), got {samples!r}")
     sample_from = table.pop("sample_from", cls.sample_from)
-    if sample_from not in ("train", "batch"):
+    if sample_from not in ("train", "batch") and not heldout:
         raise ValueError(f"hooks.{name}.sample_from must be 'train' or 'batch', got {sample_from!r}")
     for key, value in table.items():
         default = cls.options[key]
@@ -88,3 +91,17 @@ def resolve(name: str, cls: type[Hook], table: Mapping[str, Any] | None, seed: i
         g = torch.Generator().manual_seed(seed_of(seed, name))
         subset = pool[torch.randperm(pool.numel(), generator=g)[:samples]].sort().values
     return Resolved(cls(**table), every, samples, sample_from, subset)
+
+
+def heldout_subset(name: str, samples: Any, seed: int, n: int) -> Tensor:
+    """Sorted positions of the held-out rows hook ``name`` uses, out of ``n`` validation rows.
+
+    ``samples`` rows ("all": every row) drawn once from a generator seeded by (seed, name), as
+    the training subsets are; more than ``n`` asked: all ``n``, with a warning.
+    """
+    if samples == "all" or samples >= n:
+        if samples != "all" and samples > n:
+            logger.warning("hooks.%s.samples = %d exceeds the %d held-out rows; using all", name, samples, n)
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed_of(seed, name))
+    return torch.randperm(n, generator=g)[:samples].sort().values

@@ -41,13 +41,13 @@ class ObjectiveOutput:
     """What every objective returns.
 
     Attributes:
-        loss: scalar, batch mean (CWTM: weighted mean with weights summing to 1). Carries the
-            autograd graph to ``student_logits``; the teacher never receives gradient.
+        loss: scalar, batch mean (CWTM, CWTC: weighted mean with weights summing to 1). Carries
+            the autograd graph to ``student_logits``; the teacher never receives gradient.
         logit_grad: (B, C) exactly ``d loss / d student_logits`` in closed form, detached.
         target_dist: (B, C) the soft target the student is pulled toward (one-hot for ``ce``),
             detached. Rows sum to 1.
         sample_weight: (B,) weight of each sample in ``loss``, summing to 1 (1/B for every
-            objective but ``cwtm``), detached.
+            objective but ``cwtm`` and ``cwtc``), detached.
     """
 
     loss: Tensor

@@ -3,7 +3,7 @@
 Notation: student logits z (B, C), q_T = softmax(z / T), label y, soft target r (B, C) with
 rows summing to 1, per-sample weights w (B,). H(r, q) = -sum_c r_c log q_c.
 
-1. ``soft_target_cross_entropy`` (ce, ban, cwtm, dkpp, tmls):
+1. ``soft_target_cross_entropy`` (ce, ban, cwtm, cwtc, dkpp, tmls):
        L = sum_s w_s H(r_s, q_T,s)
        dL/dz_s = w_s (q_T,s - r_s) / T                       (paper eq. 5 at T = 1)
 2. ``label_and_soft_target_loss`` (kd, ban_l):

@@ -1,10 +1,12 @@
-"""Attribution analysis: do CWTM weighting or DKPP permutation explain the students' gains?
+"""Attribution analysis: do the probes explain the reference's gain over its teacher?
 
 All numbers are in accuracy points (test accuracy x 100) and come from results.csv, paired by seed
-(one teacher per seed; students of the same (seed, gen) share init and data order). The tests are
-ban_analysis.stats functions; this module only chooses the comparisons, groups them into Holm
-families, and turns numbers into words by the written rules in VERDICT_RULES, FRACTION_RULES and
-ANSWER_RULES (the report prints those tables, so a reader can check every verdict by hand).
+(one teacher per seed; students of the same (seed, gen) share init and data order). Which variant
+is the reference, which are probes, controls or the label-only retrain comes from study.json's
+roles (``Study.roles``), never from objective names. The tests are ban_analysis.stats functions;
+this module only chooses the comparisons, groups them into Holm families, and turns numbers into
+words by the written rules of ``ban_analysis.report.rules`` (VERDICT_RULES, FRACTION_RULES,
+ANSWER_RULES), which the report prints.
 """
 
 from __future__ import annotations
@@ -17,119 +19,26 @@ import numpy as np
 import pandas as pd
 
 from ban_analysis import stats
-from ban_analysis.report.load import TEACHER, Study, seed_matrix
+from ban_analysis.layout import TEACHER
+from ban_analysis.report.load import POINTS, Study, seed_matrix
+from ban_analysis.report.rules import (  # noqa: F401  (re-exported: the report's public rule tables)
+    ALPHA, ANSWER_RULES, FAMILIES, FRACTION_RULES, NO_MDE, PERMUTATION_CAVEAT, VERDICT_RULES, display_name,
+    fmt, fraction_verdict, verdict,
+)
 
 logger = logging.getLogger(__name__)
 
-POINTS = 100.0  # accuracy fraction -> percentage points
-ALPHA = 0.05
+__all__ = ["ALPHA", "ANSWER_RULES", "Attribution", "FAMILIES", "FRACTION_RULES", "NO_MDE", "PERMUTATION_CAVEAT",
+           "POWER", "VERDICT_RULES", "accuracy_table", "answer_question", "attribute", "compare_families",
+           "display_name", "fmt", "fraction_estimate", "fraction_verdict", "gain_fractions", "improvement_matrix",
+           "verdict"]
+
 POWER = 0.8
-REFERENCE = "ban"
-LABEL_ONLY = "ce"
-PROBES = ("cwtm", "dkpp", "tmls", "ce")  # compared with BAN (family B), in this order
-QUESTION_PROBES = ("cwtm", "dkpp")  # the two the research question names
-
-FAMILIES = {
-    "A": "each student (generation 1) vs its own teacher",
-    "B": "BAN vs each probe and control present (CWTM, DKPP, TMLS, label-only retrain CE)",
-    "C": "each student (generation 1) vs the label-only retrain (CE)",
-    "D": "later generations and ensembles vs the teacher",
-}
-
-# kind, rule (checked in this order; the first that holds decides), wording.
-VERDICT_RULES = (
-    ("untestable", "fewer than 2 paired seeds, or no variation at all", "not testable (n = {n})"),
-    ("improves", "Holm-adjusted t-test p < alpha AND bootstrap CI excludes 0 AND mean difference > 0",
-     "{a} improves on {b} by {diff} points (95% CI [{lo}, {hi}])"),
-    ("worse", "Holm-adjusted t-test p < alpha AND bootstrap CI excludes 0 AND mean difference < 0",
-     "{a} is worse than {b} by {absdiff} points (95% CI [{lo}, {hi}])"),
-    ("equivalent", "Holm-adjusted TOST p < alpha (margin fixed in study.json before the runs)",
-     "{a} and {b} are equivalent within ±{margin} points (difference {diff}, 95% CI [{lo}, {hi}])"),
-    ("inconclusive", "otherwise (if the MDE cannot be computed the last clause reads 'the detectable effect "
-     "could not be computed')",
-     "inconclusive: difference {diff} points (95% CI [{lo}, {hi}]); the study could detect ≥ {mde} points"),
-)
-NO_MDE = "the detectable effect could not be computed"
-# Appended to "improves"/"worse" when the assumption-free test does not agree.
-PERMUTATION_CAVEAT = " (not confirmed by the sign-flip permutation test, Holm p = {p})"
-
-FRACTION_RULES = (
-    ("undefined", "BAN vs teacher (family A) is not 'improves'",
-     "BAN itself shows no detectable gain over its teacher, so the fraction is undefined"),
-    ("most", "CI low of the fraction > threshold",
-     "{probe} recovers most of BAN's gain ({f}, 95% CI [{lo}, {hi}], above the threshold {t})"),
-    ("less", "CI high of the fraction < threshold",
-     "{probe} recovers less than {t} of BAN's gain ({f}, 95% CI [{lo}, {hi}])"),
-    ("inconclusive", "otherwise",
-     "inconclusive: {probe} recovers {f} of BAN's gain (95% CI [{lo}, {hi}] includes the threshold {t})"),
-)
-
-ANSWER_RULES = (
-    ("no gain to explain", "BAN vs teacher (family A) is not 'improves'"),
-    ("explains", "fraction verdict 'most' AND BAN vs probe (family B) is not 'improves'"),
-    ("does not explain", "fraction verdict 'less' OR BAN vs probe (family B) is 'improves'"),
-    ("undetermined", "otherwise"),
-)
 
 
-def _fmt(x: float, digits: int = 2, signed: bool = False) -> str:
-    if x is None or not np.isfinite(x):
-        return "n/a" if x is None or math.isnan(x) else ("∞" if x > 0 else "-∞")
-    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
-
-
-def _pct(x: float) -> str:
-    return "n/a" if not np.isfinite(x) else f"{x:.0%}"
-
-
-def display_name(label: str) -> str:
-    """"ban gen 2" -> "BAN gen 2"; the teacher keeps its lower-case name."""
-    head, _, rest = label.partition(" ")
-    return label if head == TEACHER else (head.upper() + (" " + rest if rest else ""))
-
-
-def verdict(row: dict, alpha: float = ALPHA) -> tuple[str, str]:
-    """Verdict (kind, words) of one comparison row by VERDICT_RULES.
-
-    Args:
-        row: a comparisons-table row with a, b, n, mean_diff, ci_low, ci_high, p_holm, p_tost_holm,
-            p_permutation_holm, mde, margin (points).
-    """
-    fill = {"a": display_name(row["a"]), "b": display_name(row["b"]), "n": row["n"], "diff": _fmt(row["mean_diff"], signed=True),
-            "absdiff": _fmt(abs(row["mean_diff"])), "lo": _fmt(row["ci_low"], signed=True),
-            "hi": _fmt(row["ci_high"], signed=True), "margin": _fmt(row["margin"]), "mde": _fmt(row["mde"])}
-    words = {kind: text for kind, _, text in VERDICT_RULES}
-    if row["n"] < 2 or not np.isfinite(row["p_holm"]):
-        return "untestable", words["untestable"].format(**fill)
-    excludes_zero = row["ci_low"] > 0 or row["ci_high"] < 0
-    if row["p_holm"] < alpha and excludes_zero and row["mean_diff"] != 0:
-        kind = "improves" if row["mean_diff"] > 0 else "worse"
-        text = words[kind].format(**fill)
-        if not row["p_permutation_holm"] < alpha:
-            text += PERMUTATION_CAVEAT.format(p=_fmt(row["p_permutation_holm"], 3))
-        return kind, text
-    if np.isfinite(row["p_tost_holm"]) and row["p_tost_holm"] < alpha:
-        return "equivalent", words["equivalent"].format(**fill)
-    text = words["inconclusive"].format(**fill)
-    if not np.isfinite(row["mde"]):  # power could not be computed (too few seeds): say so, quote no number
-        text = text.replace(f"the study could detect ≥ {fill['mde']} points", NO_MDE)
-    return "inconclusive", text
-
-
-def fraction_verdict(row: dict, ban_kind: str, threshold: float) -> tuple[str, str]:
-    """Verdict (kind, words) of one gain fraction by FRACTION_RULES."""
-    words = {kind: text for kind, _, text in FRACTION_RULES}
-    fill = {"probe": row["probe"].upper(), "f": _pct(row["estimate"]), "lo": _pct(row["ci_low"]),
-            "hi": _pct(row["ci_high"]), "t": _pct(threshold)}
-    if ban_kind != "improves":
-        return "undefined", words["undefined"]
-    if row["ci_low"] > threshold:
-        kind = "most"
-        text = words["most"] if threshold >= 0.5 else words["most"].replace("most", "more than {t}", 1)
-        return kind, text.format(**fill)
-    if row["ci_high"] < threshold:
-        return "less", words["less"].format(**fill)
-    return "inconclusive", words["inconclusive"].format(**fill)
+def _compared(roles: dict) -> list[str]:
+    """The variants family B compares with the reference: probes, controls, the label-only retrain."""
+    return [*roles["probes"], *roles["controls"], *([roles["label_only"]] if roles.get("label_only") else [])]
 
 
 def _compare(matrix: pd.DataFrame, a: str, b: str, margin: float, rng: np.random.Generator,
@@ -170,28 +79,30 @@ def _holm_column(values: pd.Series) -> pd.Series:
     return out
 
 
-def _family_pairs(matrix: pd.DataFrame, objectives: list[str]) -> dict[str, list[tuple[str, str]]]:
+def _family_pairs(matrix: pd.DataFrame, objectives: list[str], roles: dict) -> dict[str, list[tuple[str, str]]]:
     cols = set(matrix.columns)
     gen1 = [o for o in objectives if o in cols]
+    reference, label_only = roles.get("reference"), roles.get("label_only")
     pairs: dict[str, list[tuple[str, str]]] = {"A": [], "B": [], "C": [], "D": []}
     if TEACHER in cols:
         pairs["A"] = [(o, TEACHER) for o in gen1]
         pairs["D"] = [(c, TEACHER) for c in matrix.columns if c != TEACHER and c not in gen1]
-    if REFERENCE in cols:
-        pairs["B"] = [(REFERENCE, p) for p in PROBES if p in cols]
-    if LABEL_ONLY in cols:
-        pairs["C"] = [(o, LABEL_ONLY) for o in gen1 if o != LABEL_ONLY]
+    if reference in cols:
+        pairs["B"] = [(reference, p) for p in _compared(roles) if p in cols]
+    if label_only in cols:
+        pairs["C"] = [(o, label_only) for o in gen1 if o != label_only]
     return {k: v for k, v in pairs.items() if v}
 
 
-def compare_families(matrix: pd.DataFrame, objectives: list[str], margin: float, *,
+def compare_families(matrix: pd.DataFrame, objectives: list[str], margin: float, *, roles: dict,
                      rng: np.random.Generator, alpha: float = ALPHA, n_boot: int = 10000) -> pd.DataFrame:
     """Every paired comparison of families A-D with Holm-adjusted p-values, power and verdicts.
 
     Args:
         matrix: (seeds, students) accuracies as fractions (seed_matrix).
-        objectives: generation-1 objectives, in report order.
+        objectives: generation-1 variants, in report order.
         margin: equivalence margin in points.
+        roles: Study.roles (family B is the reference vs probes, controls, label-only; C vs label-only).
         rng: consumed in family order, then row order (deterministic for a given seed).
 
     Returns:
@@ -200,9 +111,9 @@ def compare_families(matrix: pd.DataFrame, objectives: list[str], margin: float,
         p_permutation_holm, p_tost_holm, family_size, mde, verdict_kind, verdict.
     """
     rows, cache = [], {}
-    for family, pairs in _family_pairs(matrix, objectives).items():
+    for family, pairs in _family_pairs(matrix, objectives, roles).items():
         for pair in pairs:
-            # A pair in two families (BAN vs CE is in B and C) gets one set of numbers; only Holm differs.
+            # A pair in two families (reference vs label-only is in B and C) gets one set of numbers.
             if pair not in cache:
                 cache[pair] = _compare(matrix, *pair, margin, rng, n_boot)
         block = pd.DataFrame([{"family": family, **cache[pair]} for pair in pairs])
@@ -222,97 +133,124 @@ def compare_families(matrix: pd.DataFrame, objectives: list[str], margin: float,
     return out
 
 
-def gain_fractions(matrix: pd.DataFrame, objectives: list[str], ban_kind: str, threshold: float, *,
-                   rng: np.random.Generator, n_boot: int = 10000) -> pd.DataFrame:
-    """Fraction of BAN's gain over the teacher that each other objective recovers.
+def fraction_estimate(part: pd.Series, ref_gain: pd.Series, rng: np.random.Generator, n_boot: int) -> dict:
+    """mean(part) / mean(ref_gain) with stats.gain_fraction's paired bootstrap CI (NaN below 2 seeds
+    or when the reference's gain does not vary)."""
+    if len(part) >= 2 and np.ptp(ref_gain) > 0:
+        est = stats.gain_fraction(part.to_numpy(), ref_gain.to_numpy(), rng=rng, n_boot=n_boot)
+        return {"estimate": est.estimate, "ci_low": est.ci_low, "ci_high": est.ci_high}
+    return {"estimate": math.nan, "ci_low": math.nan, "ci_high": math.nan}
 
-    mean(probe - teacher) / mean(ban - teacher) over seeds where all three exist, with the paired
-    bootstrap CI of stats.gain_fraction (unbounded when BAN's own gain CI contains 0). Not Holm
-    corrected: these are estimates with intervals, judged by FRACTION_RULES.
+
+def gain_fractions(matrix: pd.DataFrame, objectives: list[str], ref_kind: str, threshold: float, *,
+                   roles: dict, rng: np.random.Generator, n_boot: int = 10000) -> pd.DataFrame:
+    """Fraction of the reference's gain over the teacher that each other variant recovers.
+
+    mean(probe - teacher) / mean(reference - teacher) over seeds where all three exist, with the
+    paired bootstrap CI of stats.gain_fraction (unbounded when the reference's own gain CI contains
+    0). Order: probes, controls, label-only, then any other variant. Not Holm corrected: these are
+    estimates with intervals, judged by FRACTION_RULES.
     """
-    cols = set(matrix.columns)
-    if not {TEACHER, REFERENCE} <= cols:
+    cols, reference = set(matrix.columns), roles.get("reference")
+    if reference is None or not {TEACHER, reference} <= cols:
         return pd.DataFrame()
-    probes = [p for p in PROBES if p in cols] + [o for o in objectives if o in cols and o not in PROBES
-                                                 and o != REFERENCE]
+    listed = _compared(roles)
+    probes = [p for p in listed if p in cols] + [o for o in objectives if o in cols and o not in listed
+                                                 and o != reference]
     rows = []
     for probe in probes:
-        sub = matrix[[TEACHER, REFERENCE, probe]].dropna() * POINTS
+        sub = matrix[[TEACHER, reference, probe]].dropna() * POINTS
+        gain, ref_gain = sub[probe] - sub[TEACHER], sub[reference] - sub[TEACHER]
         row = {"probe": probe, "n": len(sub), "threshold": threshold,
-               "probe_gain": float((sub[probe] - sub[TEACHER]).mean()) if len(sub) else math.nan,
-               "ban_gain": float((sub[REFERENCE] - sub[TEACHER]).mean()) if len(sub) else math.nan}
-        if len(sub) >= 2 and np.ptp(sub[REFERENCE] - sub[TEACHER]) > 0:
-            est = stats.gain_fraction((sub[probe] - sub[TEACHER]).to_numpy(),
-                                      (sub[REFERENCE] - sub[TEACHER]).to_numpy(), rng=rng, n_boot=n_boot)
-            row.update(estimate=est.estimate, ci_low=est.ci_low, ci_high=est.ci_high)
-        else:
-            row.update(estimate=math.nan, ci_low=math.nan, ci_high=math.nan)
-        row["verdict_kind"], row["verdict"] = fraction_verdict(row, ban_kind, threshold)
+               "probe_gain": float(gain.mean()) if len(sub) else math.nan,
+               "reference_gain": float(ref_gain.mean()) if len(sub) else math.nan,
+               **fraction_estimate(gain, ref_gain, rng, n_boot)}
+        row["verdict_kind"], row["verdict"] = fraction_verdict(row, ref_kind, threshold, reference)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def answer_question(comparisons: pd.DataFrame, fractions: pd.DataFrame) -> dict:
+def _find(comparisons: pd.DataFrame, family: str, a, b) -> dict | None:
+    if comparisons.empty:
+        return None
+    hit = comparisons[(comparisons["family"] == family) & (comparisons["a"] == a) & (comparisons["b"] == b)]
+    return None if hit.empty else hit.iloc[0].to_dict()
+
+
+def _probe_status(ref_kind: str, frac: dict | None, vs_ref: dict) -> str:
+    """ANSWER_RULES for one probe."""
+    if ref_kind != "improves":
+        return "no gain to explain"
+    if frac is not None and frac["verdict_kind"] == "most" and vs_ref["verdict_kind"] != "improves":
+        return "explains"
+    if (frac is not None and frac["verdict_kind"] == "less") or vs_ref["verdict_kind"] == "improves":
+        return "does not explain"
+    return "undetermined"
+
+
+def _headline(ref_row: dict, per_probe: dict, declared: list[str], ref_name: str) -> str:
+    names = {s: [display_name(p) for p, v in per_probe.items() if v == s] for s in set(per_probe.values())}
+    if not per_probe:
+        listed = ", ".join(display_name(p) for p in declared) or "none declared"
+        return f"The question cannot be answered: none of the probes ({listed}) is in this study."
+    if ref_row["verdict_kind"] != "improves":
+        # the wording follows the reference-vs-teacher verdict: "worse" is said as such, not as "no gain"
+        how = {"worse": "are worse than their teachers",
+               "equivalent": "are equivalent to their teachers within the margin"}.get(
+            ref_row["verdict_kind"], "show no detectable gain over their teachers")
+        probes = [display_name(p) for p in per_probe]
+        which = f"neither {' nor '.join(probes)}" if len(probes) > 1 else probes[0]
+        verb = "can" if len(probes) > 1 else "cannot"
+        return (f"There is no gain to explain: {ref_name}'s students {how} "
+                f"({fmt(ref_row['mean_diff'], signed=True)} points, 95% CI [{fmt(ref_row['ci_low'], signed=True)}, "
+                f"{fmt(ref_row['ci_high'], signed=True)}]), so {which} {verb} be said to explain it.")
+    if set(names) == {"does not explain"} and len(names["does not explain"]) > 1:
+        return f"No: neither {' nor '.join(names['does not explain'])} explains {ref_name}'s gain."
+    parts = []
+    for status, lead, tail in (("explains", "Yes for", f"explains most of {ref_name}'s gain"),
+                               ("does not explain", "No for", f"does not explain {ref_name}'s gain"),
+                               ("undetermined", "Undetermined for", "the study cannot tell")):
+        if names.get(status):
+            lead = lead if not parts else lead[0].lower() + lead[1:]
+            parts.append(f"{lead} {' and '.join(names[status])}: {tail}")
+    return "; ".join(parts) + "."
+
+
+def answer_question(comparisons: pd.DataFrame, fractions: pd.DataFrame, roles: dict,
+                    declared: dict | None = None) -> dict:
     """The answer to the research question by ANSWER_RULES, with its uncertainty.
+
+    Args:
+        roles: Study.roles; the question is asked of its probes.
+        declared: Study.declared_roles (default ``roles``): the reference and probes study.json
+            names, so those without results can be said to be missing.
 
     Returns:
         {"headline": str, "sentences": [str], "per_probe": {probe: status}}.
     """
-    def find(family, a, b):
-        if comparisons.empty:
-            return None
-        hit = comparisons[(comparisons["family"] == family) & (comparisons["a"] == a) & (comparisons["b"] == b)]
-        return None if hit.empty else hit.iloc[0].to_dict()
-
-    ban = find("A", REFERENCE, TEACHER)
-    if ban is None:
-        return {"headline": "The question cannot be answered: the study lacks BAN students or teacher rows.",
+    declared = declared if declared is not None else roles
+    declared_probes = declared["probes"]
+    reference = roles.get("reference")
+    ref_name = display_name(reference or declared.get("reference"))
+    ref_row = _find(comparisons, "A", reference, TEACHER) if reference else None
+    if ref_row is None:
+        return {"headline": f"The question cannot be answered: the study lacks {ref_name} students or teacher rows.",
                 "sentences": [], "per_probe": {}}
-    ban_text = f"BAN vs teacher (generation 1, n = {ban['n']} seeds): {ban['verdict']}."
-    sentences, per_probe = [ban_text], {}
-    for probe in QUESTION_PROBES:
-        vs_ban = find("B", REFERENCE, probe)
-        vs_teacher = find("A", probe, TEACHER)
-        if vs_ban is None or vs_teacher is None:
-            sentences.append(f"{probe.upper()} is not in this study.")
+    sentences = [f"{ref_name} vs teacher (generation 1, n = {ref_row['n']} seeds): {ref_row['verdict']}."]
+    per_probe = {}
+    for probe in declared_probes:
+        vs_ref, vs_teacher = _find(comparisons, "B", reference, probe), _find(comparisons, "A", probe, TEACHER)
+        name = display_name(probe)
+        if vs_ref is None or vs_teacher is None:
+            sentences.append(f"{name} is not in this study.")
             continue
         frac = fractions[fractions["probe"] == probe].iloc[0].to_dict() if not fractions.empty else None
-        if ban["verdict_kind"] != "improves":
-            status = "no gain to explain"
-        elif frac is not None and frac["verdict_kind"] == "most" and vs_ban["verdict_kind"] != "improves":
-            status = "explains"
-        elif (frac is not None and frac["verdict_kind"] == "less") or vs_ban["verdict_kind"] == "improves":
-            status = "does not explain"
-        else:
-            status = "undetermined"
-        per_probe[probe] = status
-        parts = [f"{probe.upper()} vs teacher: {vs_teacher['verdict']}", f"BAN vs {probe.upper()}: {vs_ban['verdict']}"]
+        status = per_probe[probe] = _probe_status(ref_row["verdict_kind"], frac, vs_ref)
+        parts = [f"{name} vs teacher: {vs_teacher['verdict']}", f"{ref_name} vs {name}: {vs_ref['verdict']}"]
         if frac is not None and status != "no gain to explain":
             parts.append(f"gain fraction: {frac['verdict']}")
-        sentences.append(f"{probe.upper()} ({status}). " + "; ".join(parts) + ".")
-    names = {s: [p.upper() for p, v in per_probe.items() if v == s] for s in set(per_probe.values())}
-    if not per_probe:
-        headline = "The question cannot be answered: neither CWTM nor DKPP is in this study."
-    elif ban["verdict_kind"] != "improves":
-        # the wording follows the BAN-vs-teacher verdict: "worse" is said as such, not as "no gain"
-        how = {"worse": "are worse than their teachers",
-               "equivalent": "are equivalent to their teachers within the margin"}.get(
-            ban["verdict_kind"], "show no detectable gain over their teachers")
-        headline = (f"There is no gain to explain: BAN's students {how} "
-                    f"({_fmt(ban['mean_diff'], signed=True)} points, 95% CI [{_fmt(ban['ci_low'], signed=True)}, "
-                    f"{_fmt(ban['ci_high'], signed=True)}]), so neither CWTM weighting nor DKPP permutation "
-                    "can be said to explain it.")
-    elif set(names) == {"does not explain"} and len(names["does not explain"]) > 1:
-        headline = f"No: neither {' nor '.join(names['does not explain'])} explains BAN's gain."
-    else:
-        parts = []
-        for status, lead, tail in (("explains", "Yes for", "explains most of BAN's gain"),
-                                   ("does not explain", "No for", "does not explain BAN's gain"),
-                                   ("undetermined", "Undetermined for", "the study cannot tell")):
-            if names.get(status):
-                lead = lead if not parts else lead[0].lower() + lead[1:]
-                parts.append(f"{lead} {' and '.join(names[status])}: {tail}")
-        headline = "; ".join(parts) + "."
+        sentences.append(f"{name} ({status}). " + "; ".join(parts) + ".")
+    headline = _headline(ref_row, per_probe, declared_probes, ref_name)
     return {"headline": headline, "sentences": sentences, "per_probe": per_probe}
 
 
@@ -352,6 +290,25 @@ class Attribution:
     threshold: float
     alpha: float
     notes: list[str] = field(default_factory=list)
+    roles: dict = field(default_factory=dict)  # Study.roles
+    components: dict = field(default_factory=dict)  # ban_analysis.report.components.component_analysis
+
+
+def _study_notes(study: Study, matrix: pd.DataFrame) -> list[str]:
+    notes = list(study.notes)
+    n_seeds = matrix.shape[0]
+    if n_seeds < 3:
+        notes.append(f"Only {n_seeds} seed(s): intervals are very wide and exact rank tests cannot reach "
+                     "p < 0.05 below 6 seeds; treat every verdict as provisional.")
+    declared = study.declared_roles
+    for name in dict.fromkeys((declared["reference"], *declared["probes"], declared["label_only"])):
+        if name and name not in matrix.columns:
+            notes.append(f"Objective '{name}' is not in this study; comparisons involving it are left out.")
+    incomplete = [c for c in matrix.columns if matrix[c].isna().any()]
+    if incomplete:
+        notes.append("Some runs are missing (" + ", ".join(incomplete) + "); each comparison uses the seeds "
+                     "where both sides exist and states its n.")
+    return notes
 
 
 def attribute(study: Study, *, metric: str = "test_acc", alpha: float = ALPHA, seed: int = 0,
@@ -364,30 +321,26 @@ def attribute(study: Study, *, metric: str = "test_acc", alpha: float = ALPHA, s
         alpha: family-wise level for Holm and TOST.
         seed: seeds the one numpy Generator every bootstrap draws from, in a fixed order.
     """
+    from ban_analysis.report.components import component_analysis
+
     rng = np.random.default_rng(seed)
     matrix = seed_matrix(study.results, metric)
     objectives = [o for o in study.objectives if o in matrix.columns]
+    roles = study.roles
     margin = study.equivalence_margin * POINTS
     threshold = study.gain_fraction_threshold
-    notes = list(study.notes)
-    n_seeds = matrix.shape[0]
-    if n_seeds < 3:
-        notes.append(f"Only {n_seeds} seed(s): intervals are very wide and exact rank tests cannot reach "
-                     "p < 0.05 below 6 seeds; treat every verdict as provisional.")
-    for name in (REFERENCE, *QUESTION_PROBES, LABEL_ONLY):
-        if name not in matrix.columns:
-            notes.append(f"Objective '{name}' is not in this study; comparisons involving it are left out.")
-    incomplete = [c for c in matrix.columns if matrix[c].isna().any()]
-    if incomplete:
-        notes.append("Some runs are missing (" + ", ".join(incomplete) + "); each comparison uses the seeds "
-                     "where both sides exist and states its n.")
-    comparisons = compare_families(matrix, objectives, margin, rng=rng, alpha=alpha, n_boot=n_boot)
-    ban_row = comparisons[(comparisons["family"] == "A") & (comparisons["a"] == REFERENCE)] \
-        if not comparisons.empty else pd.DataFrame()
-    ban_kind = ban_row["verdict_kind"].iloc[0] if not ban_row.empty else "untestable"
-    fractions = gain_fractions(matrix, objectives, ban_kind, threshold, rng=rng, n_boot=n_boot)
+    notes = _study_notes(study, matrix)
+    comparisons = compare_families(matrix, objectives, margin, roles=roles, rng=rng, alpha=alpha, n_boot=n_boot)
+    ref_row = _find(comparisons, "A", roles.get("reference"), TEACHER)
+    ref_kind = ref_row["verdict_kind"] if ref_row is not None else "untestable"
+    fractions = gain_fractions(matrix, objectives, ref_kind, threshold, roles=roles, rng=rng, n_boot=n_boot)
     accuracy = accuracy_table(matrix, rng=rng, n_boot=n_boot)
     a12 = improvement_matrix(matrix, [TEACHER, *objectives])
+    # drawn last, so every number above is what it was before components existed
+    components = component_analysis(matrix, comparisons, study, ref_kind, threshold, alpha=alpha, rng=rng,
+                                    n_boot=n_boot)
+    notes += components["notes"]
+    answer = answer_question(comparisons, fractions, roles, study.declared_roles)
     return Attribution(matrix=matrix, accuracy=accuracy, comparisons=comparisons, fractions=fractions,
-                       answer=answer_question(comparisons, fractions), a12=a12, margin=margin,
-                       threshold=threshold, alpha=alpha, notes=notes)
+                       answer=answer, a12=a12, margin=margin, threshold=threshold, alpha=alpha, notes=notes,
+                       roles=roles, components=components)

@@ -3,8 +3,9 @@
 Figures are built on ``matplotlib.figure.Figure`` directly, never through pyplot: nothing is shown,
 no global figure registry fills up, and any backend (Agg on a headless machine) works. Callers
 save them (``fig.savefig(path)``). Accuracies arrive as fractions and are drawn in points (x 100);
-differences arrive in points (ban_analysis.analysis tables). Every bootstrap seaborn draws for a
-band takes ``seed`` so the same data give the same picture.
+differences arrive in points (the ``ban_analysis.report.attribution`` tables). Everything random
+in a figure (seaborn's bootstrap bands, the accuracy strip's jitter) draws from the ``seed``
+argument, never from NumPy's global generator, so the same data and seed give the same picture.
 
 Empty input raises ValueError (the report checks for missing logs before asking for a figure).
 """
@@ -20,10 +21,11 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ban_analysis.layout import TEACHER
+from ban_analysis.report.load import POINTS
+
 logger = logging.getLogger(__name__)
 
-POINTS = 100.0
-TEACHER = "teacher"
 VERDICT_COLORS = {"improves": "#1b7837", "worse": "#b2182b", "equivalent": "#2166ac",
                   "inconclusive": "#7f7f7f", "untestable": "#bbbbbb"}
 
@@ -42,11 +44,30 @@ def _order(objectives) -> list[str]:
     return ([TEACHER] if TEACHER in seen else []) + [o for o in seen if o != TEACHER]
 
 
+# Strip of per-seed dots in the accuracy figure: jitter half-width (in category units, split over
+# the generations) and the dodge of the mean markers, which the dots share.
+_JITTER = 0.15
+_DODGE = 0.55
+
+
+def _strip(ax, data: pd.DataFrame, order: list[str], hue_order: list[str], rng: np.random.Generator) -> None:
+    """Per-seed dots at each (objective, generation) position, jittered with ``rng`` (not np.random)."""
+    palette = dict(zip(hue_order, sns.color_palette(n_colors=len(hue_order))))
+    n = len(hue_order)
+    offsets = np.linspace(-_DODGE / 2, _DODGE / 2, n) if n > 1 else np.zeros(1)
+    jitter = _JITTER / n
+    for (objective, gen), frame in data.groupby(["objective", "gen"], sort=False):
+        x = order.index(objective) + offsets[hue_order.index(gen)]
+        xs = x + rng.uniform(-jitter, jitter, size=len(frame)) if len(frame) > 1 else np.full(len(frame), x)
+        ax.scatter(xs, frame["value"], color=palette[gen], alpha=0.45, s=16, linewidths=0, zorder=1)
+
+
 def accuracy_by_objective(results: pd.DataFrame, metric: str = "test_acc", *, seed: int = 0) -> Figure:
-    """Accuracy by objective and generation: per-seed points and the mean with a bootstrap 95% CI.
+    """Accuracy by variant and generation: per-seed points and the mean with a bootstrap 95% CI.
 
     Args:
         results: results.csv rows (seed, objective, gen, kind, metric); ensembles are left out.
+        seed: seeds both the dots' jitter (np.random.default_rng(seed)) and seaborn's bootstrap.
     """
     _require(results, ["seed", "objective", "gen", "kind", metric], "accuracy_by_objective")
     data = results[(results["kind"] == "model") & ((results["objective"] == TEACHER) | (results["gen"] >= 1))]
@@ -55,19 +76,11 @@ def accuracy_by_objective(results: pd.DataFrame, metric: str = "test_acc", *, se
     fig = Figure(figsize=(1.3 * len(order) + 2.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
     hue_order = sorted(data["gen"].unique(), key=int)
-    # seaborn draws strip jitter from numpy's global RNG: seed it for this call only and put
-    # the caller's state back, so the same data always gives the same figure
-    state = np.random.get_state()
-    np.random.seed(0)
-    try:
-        sns.stripplot(data=data, x="objective", y="value", hue="gen", order=order, hue_order=hue_order,
-                      dodge=True, alpha=0.45, size=4, jitter=0.15, ax=ax, legend=False)
-    finally:
-        np.random.set_state(state)
+    _strip(ax, data, order, hue_order, np.random.default_rng(seed))
     sns.pointplot(data=data, x="objective", y="value", hue="gen", order=order, hue_order=hue_order,
-                  dodge=0.55, linestyle="none", errorbar=("ci", 95), seed=seed, markers="D",
-                  capsize=0.08, ax=ax)
-    ax.set_xlabel("objective")
+                  dodge=_DODGE if len(hue_order) > 1 else False, linestyle="none", errorbar=("ci", 95),
+                  seed=seed, markers="D", capsize=0.08, ax=ax)
+    ax.set_xlabel("variant")
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title("Accuracy per seed (dots) and mean with 95% bootstrap CI")
     ax.legend(title="generation", loc="best", fontsize="small")
@@ -78,7 +91,7 @@ def paired_slopes(matrix: pd.DataFrame, students: list[str] | None = None) -> Fi
     """Teacher -> student accuracy per seed, one panel per student; green up, red down.
 
     Args:
-        matrix: (seeds, students) accuracy fractions with a "teacher" column (analysis.seed_matrix).
+        matrix: (seeds, students) accuracy fractions with a "teacher" column (report.load.seed_matrix).
         students: columns to show (default: every column without a space, i.e. generation-1 students).
     """
     _require(matrix, [TEACHER], "paired_slopes")
@@ -105,7 +118,7 @@ def forest_plot(comparisons: pd.DataFrame, margin: float) -> Figure:
     """Paired differences (points) with their 95% CIs, the TOST margin band, coloured by verdict.
 
     Args:
-        comparisons: analysis comparisons table (family, comparison, mean_diff, ci_low, ci_high, verdict_kind).
+        comparisons: attribution comparisons table (family, comparison, mean_diff, ci_low, ci_high, verdict_kind).
         margin: equivalence margin in points (the shaded band is [-margin, +margin]).
     """
     _require(comparisons, ["family", "comparison", "mean_diff", "ci_low", "ci_high", "verdict_kind"], "forest_plot")
@@ -133,7 +146,7 @@ def update_share_over_training(share: pd.DataFrame, *, seed: int = 0) -> Figure:
     """Target and dark-knowledge shares of the update by epoch per objective, 95% CI bands across seeds.
 
     Args:
-        share: analysis.update_share_by_epoch output (objective, seed, epoch, share_target, share_dark).
+        share: gradients.update_share_by_epoch output (objective, seed, epoch, share_target, share_dark).
     """
     _require(share, ["objective", "seed", "epoch", "share_target", "share_dark"], "update_share_over_training")
     fig = Figure(figsize=(10, 3.8), layout="constrained")
@@ -151,7 +164,7 @@ def confidence_vs_term_sizes(terms: pd.DataFrame, *, gridsize: int = 25) -> Figu
     """Hexbin of teacher confidence (p_max) vs per-sample term sizes, one row per objective.
 
     Args:
-        terms: analysis.term_sizes output (objective, p_max, target_size, g_dark_norm).
+        terms: gradients.term_sizes output (objective, p_max, target_size, g_dark_norm).
     """
     _require(terms, ["objective", "p_max", "target_size", "g_dark_norm"], "confidence_vs_term_sizes")
     objectives = list(dict.fromkeys(terms["objective"]))
@@ -179,7 +192,7 @@ def param_cosine_over_epochs(cos: pd.DataFrame, *, seed: int = 0) -> Figure:
     """Per-sample cosine between the target and dark terms' parameter gradients, by epoch.
 
     Args:
-        cos: analysis.param_cos_by_epoch output (objective, seed, epoch, param_cos); bands are
+        cos: gradients.param_cos_by_epoch output (objective, seed, epoch, param_cos); bands are
             95% CIs across seeds.
     """
     _require(cos, ["objective", "seed", "epoch", "param_cos"], "param_cosine_over_epochs")
@@ -194,12 +207,13 @@ def param_cosine_over_epochs(cos: pd.DataFrame, *, seed: int = 0) -> Figure:
     return fig
 
 
-def generations_curve(results: pd.DataFrame, objective: str = "ban", metric: str = "test_acc",
+def generations_curve(results: pd.DataFrame, objective: str, metric: str = "test_acc",
                       *, seed: int = 0) -> Figure:
     """Accuracy by generation (teacher = 0) for single models and for ensembles of generations 1..k.
 
     Args:
         results: results.csv rows; ensembles are drawn at the generation of their last member.
+        objective: the variant whose chain is drawn (the report passes the reference).
     """
     _require(results, ["seed", "objective", "gen", "kind", metric], "generations_curve")
     chain = results[(results["objective"] == objective) & (results["gen"] >= 1)]
@@ -244,7 +258,7 @@ def fix_rate_by_confidence(bins: pd.DataFrame, column_label: str = "teacher conf
     """Share of the teacher's test mistakes each student fixes, per bin of a teacher feature.
 
     Args:
-        bins: analysis.fix_rate_by_bin output (objective, seed, bin_mid, fix_rate); bands are 95% CIs
+        bins: gradients.fix_rate_by_bin output (objective, seed, bin_mid, fix_rate); bands are 95% CIs
             across seeds.
     """
     _require(bins, ["objective", "seed", "bin_mid", "fix_rate"], "fix_rate_by_confidence")
@@ -255,4 +269,47 @@ def fix_rate_by_confidence(bins: pd.DataFrame, column_label: str = "teacher conf
     ax.set_xlabel(f"{column_label} on the sample (bin centre)")
     ax.set_ylabel("fraction of teacher mistakes fixed")
     ax.set_title("Which teacher mistakes do students fix?")
+    return fig
+
+
+HELDOUT_LINES = (("a_target", "target term", "#1f77b4"), ("a_dark", "dark-knowledge term", "#d62728"))
+
+
+def _t_band(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per step: mean of ``cumulative`` over seeds and its 95% t-interval (NaN below 2 seeds)."""
+    import scipy.stats
+
+    g = frame.groupby("step")["cumulative"].agg(["mean", "std", "count"])
+    half = scipy.stats.t.ppf(0.975, np.maximum(g["count"] - 1, 1)) * g["std"] / np.sqrt(g["count"])
+    half[g["count"] < 2] = np.nan
+    return g.assign(low=g["mean"] - half, high=g["mean"] + half)
+
+
+def cumulative_heldout_attribution(frame: pd.DataFrame) -> Figure:
+    """Cumulative first-order change of the held-out loss from each term, by step, one panel per variant.
+
+    Args:
+        frame: gradients.heldout_attribution_by_step output (objective, seed, step, term,
+            cumulative). Lines: mean over seeds; bands: mean ± the 95% t-interval across seeds
+            (deterministic, so no seed is needed). Below 0 the term lowered the held-out loss.
+    """
+    _require(frame, ["objective", "seed", "step", "term", "cumulative"], "cumulative_heldout_attribution")
+    data = frame[frame["term"].isin([t for t, _, _ in HELDOUT_LINES])]
+    if data.empty:
+        raise ValueError("cumulative_heldout_attribution: no data to plot (no a_target / a_dark rows)")
+    variants = list(dict.fromkeys(data["objective"]))
+    fig = Figure(figsize=(3.4 * len(variants) + 0.8, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(variants), sharey=True, squeeze=False)[0]
+    for ax, variant in zip(axes, variants):
+        for term, label, color in HELDOUT_LINES:
+            band = _t_band(data[(data["objective"] == variant) & (data["term"] == term)])
+            if band.empty:
+                continue
+            ax.plot(band.index, band["mean"], color=color, label=label)
+            ax.fill_between(band.index, band["low"], band["high"], color=color, alpha=0.2, linewidth=0)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(variant, fontsize="medium")
+        ax.set_xlabel("optimizer step")
+    axes[0].set_ylabel("cumulative change of held-out loss")
+    axes[-1].legend(loc="best", fontsize="small")
     return fig

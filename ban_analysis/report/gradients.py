@@ -5,6 +5,9 @@
   teacher's confidence and non-target entropy, computed from the teacher's test logits.
 - param_split: per-sample cosine between the target and dark terms' parameter gradients by epoch.
 - logit_split: teacher confidence vs per-sample term sizes (for the hexbin figure).
+- heldout_attribution: the first-order change of a held-out loss each step's update causes, split
+  into the target and dark terms' shares (TracIn-style; ``../shared/docs/RESEARCH.md`` beside
+  this repository, section 8), summed over training per seed and variant.
 
 Every function returns a tidy DataFrame (empty when the study has no such logs) so the report
 can say "not logged" instead of failing.
@@ -18,6 +21,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from ban_analysis.layout import TEACHER
 from ban_analysis.report.load import Study, load_hook, load_test_outputs
 
 logger = logging.getLogger(__name__)
@@ -41,7 +45,7 @@ def _seed_band(frame: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame
 def update_share_by_epoch(study: Study, gen: int = 1) -> pd.DataFrame:
     """Per (objective, seed, epoch): mean share_target and share_dark of the update over the epoch's steps.
 
-    Uses the whole-network columns of the update_share hook (spec section 10, no group prefix).
+    Uses the whole-network columns of the update_share hook (those without a layer-group prefix).
     """
     logs = load_hook(study, "update_share", gens=(gen,), columns=["share_target", "share_dark"])
     if logs.empty or "share_dark" not in logs.columns:
@@ -61,6 +65,11 @@ def update_share_summary(share: pd.DataFrame) -> pd.DataFrame:
             rows.append({"objective": objective, "epoch": int(epoch), "which": which, "n": int(band["n"]),
                          "share_dark": band["mean"], "ci_low": band["ci_low"], "ci_high": band["ci_high"]})
     return pd.DataFrame(rows)
+
+
+def seed_band(frame: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
+    """Public name of the across-seed t-interval used by every hook summary (mean, sd, n, ci_low, ci_high)."""
+    return _seed_band(frame, keys, value)
 
 
 def teacher_test_features(logits: np.ndarray, target: np.ndarray) -> pd.DataFrame:
@@ -95,7 +104,7 @@ def fixes(study: Study, gen: int = 1) -> pd.DataFrame:
     """
     frames = []
     for seed in study.seeds:
-        teacher = load_test_outputs(study, seed, "teacher", 0)
+        teacher = load_test_outputs(study, seed, TEACHER, 0)
         if teacher is None:
             continue
         feats = teacher_test_features(*teacher)
@@ -209,3 +218,85 @@ def term_sizes(study: Study, gen: int = 1, *, max_rows: int = 20000,
     if not parts:
         return pd.DataFrame()
     return pd.concat(parts, ignore_index=True)[["objective", "seed", "epoch", "p_max", "target_size", "g_dark_norm"]]
+
+
+HELDOUT_HOOK = "heldout_attribution"
+# Per-step columns of the heldout_attribution hook that are summed over training, in this order;
+# group columns a_target_<group> / a_dark_<group> (teacher_wrong, noisy, clean, ...) follow.
+HELDOUT_TERMS = ("a_target", "a_dark", "a_total", "a_update", "observed_change")
+
+
+def _heldout_terms(columns) -> list[str]:
+    groups = sorted(c for c in columns if c.startswith(("a_target_", "a_dark_")))
+    return [c for c in HELDOUT_TERMS if c in columns] + groups
+
+
+def heldout_attribution_by_step(study: Study, gen: int = 1) -> pd.DataFrame:
+    """Cumulative held-out attribution over training, per (variant, seed, term), step by step.
+
+    Each row of the heldout_attribution hook holds, for one logged step, the first-order change of
+    the held-out loss due to each gradient term (a_target, a_dark, their sum a_total), the change
+    the actual update predicts (a_update) and the change measured (observed_change); group
+    columns split a_target / a_dark by sample group. A missing value (a group with no sample in a
+    step) counts as 0 in the running sum.
+
+    Returns:
+        Long table objective, seed, epoch, step, term, value, cumulative (sum of ``value`` over this
+        and every earlier logged step of the seed and variant); empty without such logs.
+    """
+    logs = load_hook(study, HELDOUT_HOOK, gens=(gen,))
+    if logs.empty or not {"a_target", "a_dark"} <= set(logs.columns):
+        return pd.DataFrame()
+    terms = _heldout_terms(logs.columns)
+    order = {o: i for i, o in enumerate(study.objectives)}  # variants in the study's order
+    logs = logs.assign(_order=logs["objective"].map(order)).sort_values(["_order", "seed", "epoch", "step"],
+                                                                         kind="stable").drop(columns="_order")
+    long = logs.melt(id_vars=["objective", "seed", "epoch", "step"], value_vars=terms, var_name="term",
+                     value_name="value")
+    long["cumulative"] = long["value"].fillna(0.0).groupby([long["objective"], long["seed"], long["term"]],
+                                                          sort=False).cumsum()
+    return long.reset_index(drop=True)
+
+
+def _heldout_per_seed(by_step: pd.DataFrame) -> pd.DataFrame:
+    """Per (variant, seed): every term's sum over training, the terms' shares of the total, and the
+    linearisation check (sum a_update / sum observed_change, their correlation over steps)."""
+    rows = []
+    for (objective, seed), frame in by_step.groupby(["objective", "seed"], sort=False):
+        total = frame.groupby("term", sort=False)["value"].sum(min_count=1)
+        wide = frame.pivot_table(index="step", columns="term", values="value", aggfunc="sum")
+        row = {"objective": objective, "seed": seed, **{t: float(v) for t, v in total.items()}}
+        denom = row.get("a_total", row["a_target"] + row["a_dark"])
+        for term in ("target", "dark"):
+            row[f"share_{term}"] = row[f"a_{term}"] / denom if denom else math.nan
+        if {"a_update", "observed_change"} <= set(wide.columns):
+            obs = row["observed_change"]
+            row["linearisation_ratio"] = row["a_update"] / obs if obs else math.nan
+            pair = wide[["a_update", "observed_change"]].dropna()
+            varies = len(pair) >= 2 and pair.std().gt(0).all()
+            row["linearisation_corr"] = float(np.corrcoef(pair.to_numpy().T)[0, 1]) if varies else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def heldout_attribution_summary(by_step: pd.DataFrame) -> pd.DataFrame:
+    """Per variant and quantity: mean over seeds with a 95% t-interval across seeds.
+
+    Quantities: each term's cumulative sum over training (a_target, a_dark, a_total, a_update,
+    observed_change, group terms), share_target and share_dark (the term's sum / the sum of
+    a_total), linearisation_ratio (sum a_update / sum observed_change; 1 when the first-order
+    picture is exact) and linearisation_corr (per-step correlation of a_update and observed_change).
+
+    Returns:
+        objective, quantity, mean, sd, n, ci_low, ci_high; empty for empty input.
+    """
+    if by_step.empty:
+        return pd.DataFrame()
+    per_seed = _heldout_per_seed(by_step)
+    quantities = [c for c in per_seed.columns if c not in ("objective", "seed")]
+    long = per_seed.melt(id_vars=["objective", "seed"], value_vars=quantities, var_name="quantity")
+    order = {q: i for i, q in enumerate(quantities)}
+    out = _seed_band(long.dropna(subset=["value"]), ["objective", "quantity"], "value")
+    variants = {o: i for i, o in enumerate(dict.fromkeys(per_seed["objective"]))}
+    out = out.sort_values(["objective", "quantity"], key=lambda c: c.map(variants if c.name == "objective" else order))
+    return out.reset_index(drop=True)

@@ -1,4 +1,4 @@
-"""Read a study folder (spec sections 7, 8, 10) into tidy pandas DataFrames.
+"""Read a study folder into tidy pandas DataFrames (the folder layout is ``ban_analysis.layout``).
 
 Analysis reads only files, never live objects, so a study trained on another machine (or copied
 without its checkpoints) is analysed the same way. Nothing here trains, imports torch, or writes.
@@ -10,19 +10,20 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from ban_analysis.layout import (
+    DEFAULT_GAIN_FRACTION_THRESHOLD, DEFAULT_MARGIN, HOOK_KEYS, RESULT_COLUMNS, TEACHER, StudyLayout,
+)
+from ban_analysis.report import roles as roles_mod
+
 logger = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ("seed", "objective", "gen", "kind", "members", "test_acc", "test_nll", "test_ece", "val_acc")
-TEACHER = "teacher"
-# Defaults of the study config (spec section 8), used when study.json omits them.
-DEFAULT_MARGIN = 0.005
-DEFAULT_THRESHOLD = 0.5
-HOOK_KEYS = ("gen", "epoch", "step")
+POINTS = 100.0  # accuracy fraction -> percentage points
 
 
 @dataclass(frozen=True)
@@ -42,34 +43,57 @@ class Study:
     notes: tuple[str, ...] = field(default=())
 
     @property
+    def layout(self) -> StudyLayout:
+        return StudyLayout(self.root)
+
+    @property
     def seeds(self) -> list[int]:
         return sorted(int(s) for s in self.results["seed"].unique())
 
     @property
+    def variants(self) -> list[str]:
+        """Variant names the config lists (``objectives`` entries, then ``variants`` tables), in config order."""
+        return roles_mod.variant_names(self.config)
+
+    @property
     def objectives(self) -> list[str]:
-        """Student objectives present in results.csv, in the config's order when it lists them."""
+        """Student variants present in results.csv, in the config's order when it lists them."""
         present = [o for o in self.results["objective"].unique() if o != TEACHER]
-        listed = [_objective_name(o) for o in self.config.get("objectives", [])]
+        listed = self.variants
         return [o for o in listed if o in present] + sorted(o for o in present if o not in listed)
 
     @property
+    def variant_objectives(self) -> dict[str, str]:
+        """Variant name -> its objective (a variant the config does not list: its own name)."""
+        return roles_mod.variant_objectives(self.config, self.objectives)
+
+    @property
+    def declared_roles(self) -> dict[str, Any]:
+        """The roles of study.json (defaults filled in), before checking which variants have results."""
+        return roles_mod.declared_roles(self.config)
+
+    @property
+    def roles(self) -> dict[str, Any]:
+        """{reference, probes, controls, label_only}, restricted to the variants in results.csv."""
+        return roles_mod.resolve_roles(self.config, self.objectives)
+
+    @property
+    def components(self) -> dict[str, list[str]]:
+        """Component of the teacher's signal -> the probes/controls that carry it (report.roles)."""
+        return roles_mod.components(self.config, self.roles, self.objectives)
+
+    @property
     def equivalence_margin(self) -> float:
-        """The TOST margin as an accuracy fraction (study config; default 0.005)."""
+        """The TOST margin as an accuracy fraction (study config; default layout.DEFAULT_MARGIN)."""
         return float(self.config.get("equivalence_margin", DEFAULT_MARGIN))
 
     @property
     def gain_fraction_threshold(self) -> float:
-        return float(self.config.get("gain_fraction_threshold", DEFAULT_THRESHOLD))
+        return float(self.config.get("gain_fraction_threshold", DEFAULT_GAIN_FRACTION_THRESHOLD))
 
     def run_dir(self, seed: int, objective: str) -> Path:
-        return self.root / "runs" / f"seed-{seed}" / objective
-
-
-def _objective_name(entry) -> str:
-    """An objectives entry is a name, or a table with a "name" key (for objectives with params)."""
-    if isinstance(entry, dict):
-        return str(entry.get("name", entry.get("objective", "")))
-    return str(entry)
+        """The run folder of a variant (or the teacher) for one seed."""
+        return self.layout.run(seed, objective).path
 
 
 def load_study(study_dir: str | Path) -> Study:
@@ -84,20 +108,21 @@ def load_study(study_dir: str | Path) -> Study:
     root = Path(study_dir)
     if not root.is_dir():
         raise ValueError(f"study folder {root} does not exist; pass a folder written by `ban-analysis study`")
-    results_path = root / "results.csv"
-    if not results_path.is_file():
-        raise ValueError(f"{results_path} is missing; a study folder needs results.csv (spec section 8)")
+    layout = StudyLayout(root)
+    if not layout.results.is_file():
+        raise ValueError(f"{layout.results} is missing; a study folder needs results.csv "
+                         "(written by `ban-analysis study`)")
     notes = []
     config: dict = {}
-    if (root / "study.json").is_file():
-        config = json.loads((root / "study.json").read_text())
+    if layout.config.is_file():
+        config = json.loads(layout.config.read_text())
     else:
-        notes.append("study.json is missing: the default equivalence margin (0.005) and gain-fraction "
-                     "threshold (0.5) were used.")
-    results = pd.read_csv(results_path, dtype={"members": str})
+        notes.append(f"study.json is missing: the default equivalence margin ({DEFAULT_MARGIN}), gain-fraction "
+                     f"threshold ({DEFAULT_GAIN_FRACTION_THRESHOLD}) and roles were used.")
+    results = pd.read_csv(layout.results, dtype={"members": str})
     missing = [c for c in ("seed", "objective", "gen", "test_acc") if c not in results.columns]
     if missing:
-        raise ValueError(f"{results_path} lacks columns {missing}; expected {list(RESULT_COLUMNS)}")
+        raise ValueError(f"{layout.results} lacks columns {missing}; expected {list(RESULT_COLUMNS)}")
     if "kind" not in results.columns:
         results["kind"] = "model"
     if "members" not in results.columns:
@@ -111,7 +136,7 @@ def load_study(study_dir: str | Path) -> Study:
 
 
 def student_label(objective: str, gen: int, kind: str = "model", members: str = "") -> str:
-    """Column label of a student in the per-seed matrix: "ban", "ban gen 2", "ban ens 1+2"."""
+    """Column label of a student in the per-seed matrix: "<variant>", "<variant> gen 2", "<variant> ens 1+2"."""
     if objective == TEACHER:
         return TEACHER
     if kind == "ensemble":
@@ -127,8 +152,8 @@ def seed_matrix(results: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame
         metric: a results.csv column.
 
     Returns:
-        (n_seeds, n_students) DataFrame indexed by seed; NaN where a run is missing. Rows of an
-        objective's gen 0 (the loaded teacher repeated) are ignored: the teacher is its own column.
+        (n_seeds, n_students) DataFrame indexed by seed; NaN where a run is missing. Rows of a
+        variant's gen 0 (the loaded teacher repeated) are ignored: the teacher is its own column.
     """
     if metric not in results.columns:
         raise ValueError(f"metric {metric!r} is not a results.csv column; choose from {list(results.columns)}")
@@ -143,25 +168,23 @@ def seed_matrix(results: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame
 
 def load_hook(study: Study, hook: str, *, gens: tuple[int, ...] | None = (1,),
               objectives: list[str] | None = None, columns: list[str] | None = None) -> pd.DataFrame:
-    """All Parquet files of one hook across seeds and objectives, as one tidy DataFrame.
+    """All Parquet files of one hook across seeds and variants, as one tidy DataFrame.
 
     Args:
         study: the loaded study.
         hook: hook name (a folder under gen-<k>/hooks/).
         gens: generations to read (None = all students' generations >= 1).
-        objectives: objectives to read (None = all in the study).
+        objectives: variants to read (None = all in the study).
         columns: hook columns to read besides gen/epoch/step (None = all).
 
     Returns:
-        DataFrame with seed, objective, gen, epoch, step and the hook's columns; empty (no
-        columns) when the study has no such logs.
+        DataFrame with seed, objective (the variant), gen, epoch, step and the hook's columns;
+        empty (no columns) when the study has no such logs.
     """
     frames = []
     for objective in objectives or study.objectives:
         for seed in study.seeds:
-            run = study.run_dir(seed, objective)
-            for path in sorted(run.glob(f"gen-*/hooks/{hook}/epoch-*.parquet")):
-                gen = int(path.parent.parent.parent.name.split("-")[1])
+            for gen, path in study.layout.run(seed, objective).hook_files(hook):
                 if gen < 1 or (gens is not None and gen not in gens):
                     continue
                 cols = None
@@ -181,16 +204,14 @@ def load_test_outputs(study: Study, seed: int, objective: str, gen: int) -> tupl
     """Test logits of one generation and the run's test labels.
 
     The teacher (objective "teacher" or gen 0) is read from runs/seed-<s>/teacher/gen-0, falling
-    back to the objective run's gen-0 copy.
+    back to the variant run's gen-0 copy.
 
     Returns:
         (logits (N, C) float64, target (N,) int64), or None when a file is missing.
     """
-    runs = [study.run_dir(seed, TEACHER), study.run_dir(seed, objective)] if gen == 0 or objective == TEACHER \
-        else [study.run_dir(seed, objective)]
-    for run in runs:
-        logits_path = run / f"gen-{gen}" / "test_logits.npy"
-        target_path = run / "test_targets.npy"
+    names = [TEACHER, objective] if gen == 0 or objective == TEACHER else [objective]
+    for run in (study.layout.run(seed, name) for name in names):
+        logits_path, target_path = run.logits(gen, "test"), run.targets("test")
         if logits_path.is_file() and target_path.is_file():
             logits = np.load(logits_path).astype(np.float64)  # (N, C)
             target = np.load(target_path).astype(np.int64)  # (N,)
@@ -198,3 +219,30 @@ def load_test_outputs(study: Study, seed: int, objective: str, gen: int) -> tupl
                 raise ValueError(f"{logits_path} has {logits.shape[0]} rows but {target_path} has {target.shape[0]} labels")
             return logits, target
     return None
+
+
+def load_metrics(study: Study, gen: int = 1, *, columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Every run's gen-<gen>/metrics.csv (the teacher's gen-0), one row per (seed, variant, epoch).
+
+    Args:
+        gen: the students' generation; the teacher row of each seed comes from its gen-0 run.
+        columns: metrics.csv columns to keep besides epoch (missing ones are left out).
+
+    Returns:
+        seed, objective (the variant, or "teacher"), gen, epoch and ``columns``; empty when no
+        metrics.csv exists.
+    """
+    frames = []
+    for seed in study.seeds:
+        for name, g in [(TEACHER, 0)] + [(o, gen) for o in study.objectives]:
+            path = study.layout.run(seed, name).metrics(g)
+            if not path.is_file():
+                continue
+            frame = pd.read_csv(path)
+            keep = ["epoch"] + [c for c in columns if c in frame.columns]
+            frames.append(frame[keep].assign(seed=seed, objective=name, gen=g))
+    if not frames:
+        return pd.DataFrame()
+    out = pd.concat(frames, ignore_index=True)
+    lead = ["seed", "objective", "gen", "epoch"]
+    return out[lead + [c for c in out.columns if c not in lead]]

@@ -96,7 +96,9 @@ def _variant(table: dict) -> Variant:
 _STUDY_KEYS = {"name": str, "seeds": list, "objectives": list, "generations": dict, "objective_params": dict,
                "variants": list, "roles": dict, "equivalence_margin": (int, float),
                "gain_fraction_threshold": (int, float), "report_epoch": str, "base": dict}
-_ROLE_KEYS = {"reference": str, "probes": list, "controls": list, "label_only": str}
+# components: {component: [variant names]} overrides which variants carry the teacher's confidence
+# ("confidence") or its non-target mass ("nontarget_mass") in the report (default: by objective)
+_ROLE_KEYS = {"reference": str, "probes": list, "controls": list, "label_only": str, "components": dict}
 
 
 def _check_variant_table(entry: Any, where: str) -> None:
@@ -127,7 +129,8 @@ def _check_types(table: dict) -> None:
         if key not in _ROLE_KEYS:
             raise ConfigError(f"roles: unknown key {key!r}; allowed: {', '.join(_ROLE_KEYS)}")
         if not isinstance(value, _ROLE_KEYS[key]) or (isinstance(value, list)
-                                                       and not all(isinstance(v, str) for v in value)):
+                                                       and not all(isinstance(v, str) for v in value)) \
+                or (isinstance(value, dict) and not all(isinstance(v, list) for v in value.values())):
             raise ConfigError(f"roles.{key}: expected {'a list of names' if _ROLE_KEYS[key] is list else 'a name'}, "
                               f"got {value!r}")
 
@@ -189,7 +192,10 @@ def study_from_dict(table: dict, overrides: list[str] | None = None) -> StudyCon
     for assignment in overrides or []:
         apply_override(base, assignment)
     base.pop("seed", None)
-    config_from_dict(base)  # validate the base once, with every key named as in a run config
+    base_cfg = config_from_dict(base)  # validate the base once, with every key named as in a run config
+    if cfg.report_epoch == "best" and not (base_cfg.train.track_best and base_cfg.data.val_size > 0):
+        raise ConfigError("report_epoch = 'best' picks each generation's epoch by validation accuracy: it needs "
+                          "base.train.track_best = true and base.data.val_size > 0")
     return StudyConfig(**{**asdict(cfg), "base": base})
 
 
