@@ -119,6 +119,9 @@ def cmd_study(args) -> int:
     from ban_analysis.layout import StudyLayout
     from ban_analysis.study import run_study
 
+    if _torchrun_rank() is not None:
+        raise ValueError("study does not run under torchrun (every rank would train every run); "
+                         "use --executor ray for many GPUs, or torchrun with `ban-analysis run`")
     if args.executor != "ray" and (args.cpus_per_run is not None or args.gpus_per_run is not None):
         raise ValueError("--cpus-per-run and --gpus-per-run apply to --executor ray only")
     results = run_study(args.config, args.out, executor=args.executor, address=args.address,

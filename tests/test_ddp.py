@@ -4,15 +4,17 @@ Each test starts ``python -m torch.distributed.run --standalone --nproc_per_node
 subprocess (torchrun's own launcher, the one a user runs), most of whose time is three Python
 processes importing torch on a loaded 2-core machine (~12-15 s).
 
-Tolerances. A rank's gradient is the mean over its half of the global batch; the weighted
-all-reduce adds the two halves. That is the single-process gradient with the sum over the batch
-split in two and added in another order, so the weights differ by float32 rounding only
-(measured: at most 1.5e-8 absolute after 3 steps, 7.5e-8 after 34 steps of a chain), and the
-first steps are compared at rtol 1e-5. Over a chain those roundings are carried through
-every step and can flip a prediction that sits on a decision boundary, so test accuracy is
-allowed to differ by one percentage point (2 of the 200 test images) and the weights at
-rtol 1e-4. A resumed DDP run repeats exactly what the uninterrupted one did (the two-rank sum
-a + b is commutative, so the all-reduce is deterministic): compared for equality.
+Tolerances. A rank's gradient is the mean over its part of the global batch; the weighted
+all-reduce adds the parts, each times its share n_r / B. That is the single-process gradient
+with the sum over the batch split in two and added in another order, so the weights differ by
+float32 rounding only. Measured here: at most 1.5e-8 absolute after 3 steps, 2.4e-7 after the
+640 steps of the 20 + 20-epoch chain (both within rtol 1e-5, atol 1e-7), the same test accuracy
+and test NLL to 7 digits. The first steps are compared at rtol 1e-5 (atol 1e-7). Over a chain
+the roundings are carried through every step and can grow, and can flip a prediction that sits
+on a decision boundary, so the chain is compared at rtol 1e-5 with atol 1e-6, NLL at rel 1e-4,
+and test accuracy within one percentage point (2 of the 200 test images). A resumed DDP run
+repeats exactly what the uninterrupted one did (a two-rank sum a + b is commutative, so the
+all-reduce is deterministic): compared for equality.
 """
 
 from __future__ import annotations
@@ -67,6 +69,56 @@ def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     return proc
 
 
+def test_world_from_the_environment_and_the_shards(monkeypatch, tmp_path):
+    from ban_analysis.engine import distributed as d
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", d.TIMEOUT_ENV):
+        monkeypatch.delenv(name, raising=False)
+    assert d.env_world() == d.SINGLE and not d.SINGLE.enabled and d.SINGLE.is_main
+    world, device = d.setup(torch.device("cpu"))  # no torchrun: nothing joined, nothing changed
+    assert world == d.SINGLE and device == torch.device("cpu") and not torch.distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert d.env_world() == d.SINGLE
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert d.env_world() == d.World(rank=2, world_size=3, local_rank=0)
+    # contiguous slices that tile the global batch, sizes differing by at most one
+    for batch in (3, 7, 33, 128):
+        bounds = [d.shard_bounds(batch, d.World(r, 3)) for r in range(3)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == batch
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert max(h - l for l, h in bounds) - min(h - l for l, h in bounds) <= 1
+    d.check_global_batches(520, 33, d.World(0, 2))  # last batch 25 rows: fine
+    with pytest.raises(ValueError, match="cannot be shared by 4 ranks"):
+        d.check_global_batches(521, 65, d.World(0, 4))  # last batch of 1 row
+    with pytest.raises(ValueError, match="cannot be shared by 4 ranks"):
+        d.check_global_batches(3, 128, d.World(0, 4))
+    assert d.timeout_seconds() == d.DEFAULT_TIMEOUT_S
+    monkeypatch.setenv(d.TIMEOUT_ENV, "90")
+    assert d.timeout_seconds() == 90.0
+    monkeypatch.setenv(d.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="BAN_DDP_TIMEOUT"):
+        d.timeout_seconds()
+    # other ranks read the run folder and write nothing
+    ro = d.run_dir_for(tmp_path / "run", d.World(1, 2))
+    assert isinstance(ro, d.ReadOnlyRunDir) and not ro.writable
+    ro.save_checkpoint(0, {"model": {}})
+    ro.write_metrics(0, [{"epoch": 1}])
+    ro.update_manifest(finished="now")
+    ro.write_summary({})
+    assert not (tmp_path / "run").exists()
+
+
+def test_study_is_refused_under_torchrun(monkeypatch, tmp_path, capsys):
+    from ban_analysis.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["study", str(tmp_path / "none.toml"), "--out", str(tmp_path / "s")]) == 2
+    assert "does not run under torchrun" in capsys.readouterr().err
+
+
 def test_ddp_first_steps_equal_single_process(tmp_path):
     """3 steps of a global batch of 175 (shards 87/88, then 85/85): the weights of a single process
     to rtol 1e-5; hook rows gathered to rank 0 with the single process's columns; rank 0 alone
@@ -105,12 +157,12 @@ def test_ddp_first_steps_equal_single_process(tmp_path):
 
 
 # 520 samples / global batch 33 = 15 batches of 33 (shards 16/17) and one of 25 (12/13)
-CHAIN = {"train": {"epochs": 12, "batch_size": 33}, "ban": {"generations": 1}}
+CHAIN = {"train": {"epochs": 20, "batch_size": 33}, "ban": {"generations": 1}}
 
 
 @pytest.fixture(scope="module")
 def ddp_chain(tmp_path_factory):
-    """One uninterrupted 2-rank chain (teacher + 1 BAN generation, 12 epochs each): the reference."""
+    """One uninterrupted 2-rank chain (teacher + 1 BAN generation, 20 epochs each): the reference."""
     folder = tmp_path_factory.mktemp("ddp_chain")
     root = folder / "data"
     write_tiny_npz(root)
@@ -122,17 +174,16 @@ def ddp_chain(tmp_path_factory):
             "seconds": time.perf_counter() - started}
 
 
-@pytest.mark.slow
 def test_ddp_chain_matches_single_process(ddp_chain, tmp_path):
     single = run_chain(config_from_dict(ddp_chain["table"]), tmp_path / "single", progress=False)
     ddp = json.loads((ddp_chain["ref"] / "summary.json").read_text())
     for s, d in zip(single["generations"], ddp["generations"]):
         assert d["test_acc"] == pytest.approx(s["test_acc"], abs=0.01), (s, d)
-        assert d["test_nll"] == pytest.approx(s["test_nll"], rel=1e-3)
+        assert d["test_nll"] == pytest.approx(s["test_nll"], rel=1e-4)
     for gen in (0, 1):
         a, b = _weights(tmp_path / "single", gen), _weights(ddp_chain["ref"], gen)
         for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=f"gen {gen} {key}")
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"gen {gen} {key}")
 
 
 def _children(pid: int) -> list[int]:
@@ -158,7 +209,7 @@ def _rank_of(pid: int) -> int | None:
     return None
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # two torchrun launches: 15-35 s, with the machine's load
 def test_ddp_killed_rank_ends_the_job_and_a_rerun_resumes(ddp_chain):
     """kill -9 of rank 1 mid-training: torchrun stops rank 0 and exits non-zero (no hang); the
     same command again resumes from rank 0's last checkpoint and ends exactly as the uninterrupted run."""

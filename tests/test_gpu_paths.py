@@ -1,7 +1,7 @@
 """The GPU configs' code paths, run on CPU at tiny sizes (experiments/cifar100_*.toml,
 imagewang_densenet121_resnet18.toml): crop+flip augmentation with the teacher's forward in
 every step, a cross-architecture chain (DenseNet-BC teacher, ResNet students), channels_last
-in a chain, AdamW in a chain. (Mixed precision: tests/test_amp.py; torch.compile and
+in a chain, AdamW in a chain, torch.compile in a chain. (Mixed precision: tests/test_amp.py; torch.compile and
 channels_last of single models, and one step of the paper's DenseNet-BC / WRN sizes:
 tests/test_models.py.)
 """
@@ -114,3 +114,28 @@ def test_adamw_chain_and_exact_resume(tiny_root, tmp_path, monkeypatch):
             run_chain(cfg, tmp_path / "crashed", progress=False)
     assert run_chain(cfg, tmp_path / "crashed", progress=False) == reference
     _assert_same_weights(tmp_path / "ref", tmp_path / "crashed", [0, 1])
+
+
+@pytest.mark.skipif(not hasattr(torch, "compile") or not torch._dynamo.is_dynamo_supported(),
+                    reason="torch.compile (dynamo) is not supported here")
+def test_compile_in_a_chain(tiny_root, tmp_path, monkeypatch):
+    """``train.compile = true`` runs the student through torch.compile in the loop (a compiled
+    module's truth value raises, so the step must not test it with ``or``). Dynamo's "eager"
+    backend keeps this fast: it checks the loop's wiring; inductor itself is
+    tests/test_models.py::test_torch_compile_matches_eager."""
+    compiled = []
+    real = torch.compile
+
+    def eager_compile(model, **kwargs):
+        compiled.append(type(model).__name__)
+        return real(model, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    base = tiny_config(tiny_root, train={"epochs": 1}, ban={"generations": 1})
+    plain = run_chain(config_from_dict(base), tmp_path / "plain", progress=False)
+    got = run_chain(config_from_dict({**base, "train": {**base["train"], "compile": True}}), tmp_path / "compiled",
+                    progress=False)
+    assert compiled == ["MLP", "MLP"]  # gens 0 and 1
+    for a, b in zip(plain["generations"], got["generations"]):
+        assert b["test_acc"] == pytest.approx(a["test_acc"], abs=0.01)
+        assert b["test_nll"] == pytest.approx(a["test_nll"], rel=1e-4)

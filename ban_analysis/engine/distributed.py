@@ -238,22 +238,23 @@ class ReadOnlyRunDir(RunDir):
         # checked before the barrier (run_chain); checking again here would race rank 0's writes
         return self.layout.config.exists()
 
-    def update_manifest(self, **fields_: Any) -> dict:
+    # the writers, as no-ops that take any arguments (RunDir's may grow options)
+    def update_manifest(self, *args: Any, **kwargs: Any) -> dict:
         return self.manifest()
 
-    def start_manifest(self, seed: int, device: str) -> None:
+    def start_manifest(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    def save_checkpoint(self, gen: int, state: dict) -> None:
+    def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    def write_metrics(self, gen: int, rows: list[dict]) -> None:
+    def write_metrics(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    def save_logits(self, gen: int, split: str, logits: torch.Tensor, best: bool = False) -> None:
+    def save_logits(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    def write_summary(self, summary: dict) -> None:
+    def write_summary(self, *args: Any, **kwargs: Any) -> None:
         return None
 
 

@@ -155,7 +155,8 @@ def train_step(model: nn.Module, objective: Any, x: Tensor, target: Tensor, opti
         teacher_logits = teacher_forward(teacher, x, amp)
     capture = hooks.capture(model, step) if hooks is not None else contextlib.nullcontext()
     with capture, autocast_context(amp, x.device):
-        student_logits = (forward or model)(x)
+        # `is None`, not `or`: a torch.compile'd module's truth value calls len(), which a model refuses
+        student_logits = (model if forward is None else forward)(x)
     try:
         out = objective(student_logits, teacher_logits, target, generator=generator)
     except ValueError:
