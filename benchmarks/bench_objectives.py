@@ -211,7 +211,13 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
+    parser.add_argument("--tables", default="objectives,dkpp,step",
+                        help="comma-separated subset of objectives,dkpp,step (default: all three)")
     args = parser.parse_args()
+    tables = set(args.tables.split(","))
+    unknown = tables - {"objectives", "dkpp", "step"}
+    if unknown:
+        parser.error(f"unknown table(s) {', '.join(sorted(unknown))}; choose from objectives, dkpp, step")
     default_threads = torch.get_num_threads()
     print(f"Machine: {machine()}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
           f"load average before: {os.getloadavg()[0]:.1f}")
@@ -219,13 +225,16 @@ def main() -> None:
           " see median_cpu_us).")
     for threads in (1, default_threads):
         torch.set_num_threads(threads)
-        print(f"\n### {threads} thread(s)\n")
-        print(f"Forward+backward, B={B}:\n")
-        print("\n".join(table_objectives(args.min_run_time)))
-        print(f"\nDKPP permutation (teacher argmax + permutation), B={B}:\n")
-        print("\n".join(table_dkpp(args.min_run_time)))
-        print(f"\nShare of a training step (784-256-256-10 MLP, B={B}, SGD momentum, C=10):\n")
-        print("\n".join(table_training_step(args.min_run_time)))
+        print(f"\n### {threads} thread(s)")
+        if "objectives" in tables:
+            print(f"\nForward+backward, B={B}:\n")
+            print("\n".join(table_objectives(args.min_run_time)))
+        if "dkpp" in tables:
+            print(f"\nDKPP permutation (teacher argmax + permutation), B={B}:\n")
+            print("\n".join(table_dkpp(args.min_run_time)))
+        if "step" in tables:
+            print(f"\nShare of a training step (784-256-256-10 MLP, B={B}, SGD momentum, C=10):\n")
+            print("\n".join(table_training_step(args.min_run_time)))
     torch.set_num_threads(default_threads)
     print(f"\nLoad average after: {os.getloadavg()[0]:.1f}")
 

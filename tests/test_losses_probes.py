@@ -200,10 +200,10 @@ def test_tied_keys_occur_at_c1000_and_are_reordered(monkeypatch):
     calls = []
     original = dkpp._shuffle_tied_runs_
 
-    def spy(order, keys, bits, generator, start=0):
+    def spy(keys, bits, generator, start=0, spare=None):
         high = keys[:, start:] >> bits
         calls.append(int((torch.diff(high, dim=1) == 0).any(dim=1).sum()))
-        original(order, keys, bits, generator, start)
+        original(keys, bits, generator, start, spare)
 
     monkeypatch.setattr(dkpp, "_shuffle_tied_runs_", spy)
     B, C = 256, 1000
@@ -222,9 +222,10 @@ def test_shuffle_tied_runs_uniform_within_runs_independent_and_local():
     n = 6000
     high = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4], dtype=torch.int32).repeat(n, 1)
     high[1::2] = torch.arange(8, dtype=torch.int32)
-    order = torch.arange(8, dtype=torch.int32).repeat(n, 1)
-    keys = (high << 3) | order  # random bits above the 3 column bits
-    dkpp._shuffle_tied_runs_(order, keys, 3, gen(22))
+    keys = (high << 3) | torch.arange(8, dtype=torch.int32)  # random bits above the 3 column bits
+    dkpp._shuffle_tied_runs_(keys, 3, gen(22))
+    assert torch.equal(keys >> 3, high)  # still sorted by random bits
+    order = keys & 7
     tied, free = order[0::2], order[1::2]
     assert torch.equal(free, torch.arange(8, dtype=torch.int32).repeat(n // 2, 1))
     assert (tied[:, [0, 3, 7]] == torch.tensor([0, 3, 7], dtype=torch.int32)).all()
@@ -243,13 +244,13 @@ def test_shuffle_tied_runs_uniform_within_runs_independent_and_local():
 
 
 def test_shuffle_tied_runs_never_moves_entries_across_rows():
-    """Whole rows tied with the same value as the next row: runs end at the row boundary."""
+    """Whole rows tied with the same random bits as the next row: runs end at the row boundary.
+    (Low 12 bits: a batch-wide entry number, so an entry moved to another row would show.)"""
     n, C = 500, 3
-    keys = torch.arange(C).repeat(n, 1)  # random bits 0 everywhere, column bits 0..2
-    order = torch.arange(n * C).view(n, C)
-    dkpp._shuffle_tied_runs_(order, keys, 2, gen(23))
-    assert torch.equal(order.sort(1).values, torch.arange(n * C).view(n, C))
-    assert chisquare(torch.bincount(order[:, 0] % C, minlength=C).numpy()).pvalue > 1e-3
+    keys = torch.arange(n * C).view(n, C)  # random bits (above bit 12) 0 everywhere
+    dkpp._shuffle_tied_runs_(keys, 12, gen(23))
+    assert torch.equal(keys.sort(1).values, torch.arange(n * C).view(n, C))
+    assert chisquare(torch.bincount(keys[:, 0] % C, minlength=C).numpy()).pvalue > 1e-3
 
 
 def test_row_sort_matches_torch_sort():
@@ -258,7 +259,6 @@ def test_row_sort_matches_torch_sort():
     keys = keys.bitwise_and_(~511).bitwise_or_(torch.arange(300, dtype=torch.int32))  # distinct per row
     expected = torch.sort(keys, dim=1).values
     assert torch.equal(dkpp._sort_rows_(keys.clone()), expected)
-
 
 
 @pytest.mark.parametrize("drawn", ["zero", "all_ones"])
@@ -290,8 +290,56 @@ def test_only_the_anchor_key_is_negative():
 
 def test_shuffle_tied_runs_leaves_columns_before_start_alone():
     n = 2000
-    order = torch.arange(4, dtype=torch.int32).repeat(n, 1)
-    keys = (torch.tensor([0, 0, 1, 1], dtype=torch.int32) << 2) | order
-    dkpp._shuffle_tied_runs_(order, keys, 2, gen(27), start=1)
+    keys = (torch.tensor([0, 0, 1, 1], dtype=torch.int32) << 2) | torch.arange(4, dtype=torch.int32)
+    keys = keys.repeat(n, 1)
+    dkpp._shuffle_tied_runs_(keys, 2, gen(27), start=1)
+    order = keys & 3
     assert (order[:, :2] == torch.tensor([0, 1], dtype=torch.int32)).all()  # 0-1 tie ignored, 1 alone
     assert chisquare(torch.bincount((order[:, 2] == 3).long(), minlength=2).numpy()).pvalue > 1e-3
+
+
+def test_row_argmax_is_torch_argmax_first_maximum():
+    p = torch.tensor([[0.1, 0.4, 0.4, 0.1], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 1.0]])
+    for x in (p, p.double(), torch.softmax(torch.randn(64, 1000, generator=gen(28)), 1)):
+        assert torch.equal(dkpp.row_argmax(x), x.argmax(1))
+        assert dkpp.row_argmax(x).dtype == torch.int64
+    assert dkpp.row_argmax(p).tolist() == [1, 0, 3]
+    assert torch.equal(dkpp.row_argmax(p.clone().requires_grad_(True)), p.argmax(1))  # the torch path
+
+
+@pytest.mark.parametrize("C", [10, 1000, 1500])
+def test_numpy_and_torch_paths_give_the_same_permutation(monkeypatch, C):
+    """CPU tensors use numpy for the argmax, the row sort and the small tie arrays; other
+    devices use torch ops. Same generator state, same result, ties included (C = 1000)."""
+    p = torch.softmax(3 * torch.randn(128, C, generator=gen(29)), 1)
+    y = torch.randint(0, C, (128,), generator=gen(30))
+    obj = get_objective("dkpp", anchor="label")
+    via_numpy = obj(torch.zeros_like(p), p.log(), y, generator=gen(31)).target_dist
+    monkeypatch.setattr(dkpp, "_NUMPY_ON_CPU", False)
+    via_torch = obj(torch.zeros_like(p), p.log(), y, generator=gen(31)).target_dist
+    assert torch.equal(via_numpy, via_torch)
+
+
+def test_scratch_memory_reused_only_when_it_fits_and_changes_nothing():
+    like = torch.empty(4, 10, dtype=torch.int32)
+    fits = torch.empty(4, 10, dtype=torch.float32)
+    assert dkpp._buffer_like(like, fits).data_ptr() == fits.data_ptr()
+    assert dkpp._buffer_like(like, torch.empty(4, 10, dtype=torch.float64)).shape == (4, 10)
+    for spare in (None, torch.empty(4, 10, dtype=torch.float16), torch.empty(10, 8)[:, :4]):  # small, strided
+        buffer = dkpp._buffer_like(like, spare)
+        assert buffer.shape == (4, 10) and buffer.dtype == torch.int32
+        assert spare is None or buffer.data_ptr() != spare.data_ptr()
+    anchor = torch.randint(0, 1000, (64,), generator=gen(32))
+    plain = anchor_first_orders(anchor, 1000, gen(33))
+    assert torch.equal(anchor_first_orders(anchor, 1000, gen(33), spare=torch.empty(64, 1000)), plain)
+
+
+def test_permutation_of_a_tensor_that_requires_grad_is_differentiable():
+    p = torch.softmax(torch.randn(8, 6, generator=gen(34), dtype=torch.float64), 1).requires_grad_(True)
+    a = p.detach().argmax(1)
+    r = permute_dark_knowledge(p, a, a, gen(35))
+    assert torch.equal(r.detach(), permute_dark_knowledge(p.detach(), a, a, gen(35)))
+    w = torch.randn(8, 6, generator=gen(36), dtype=torch.float64)
+    (r * w).sum().backward()
+    # d/dp of sum(r * w) puts each weight back on the entry it came from: same multiset per row.
+    assert torch.equal(p.grad.sort(1).values, w.sort(1).values)
