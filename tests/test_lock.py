@@ -46,18 +46,24 @@ def second_while_first_is_stopped(first, command) -> subprocess.CompletedProcess
         first.send_signal(signal.SIGCONT)
 
 
-def test_a_second_run_on_a_folder_in_use_is_refused(tiny_root, tmp_path):
-    config = _write_config(tmp_path, tiny_config(tiny_root, ban={"generations": 0}, train={"epochs": 40}))
-    out = tmp_path / "run"
-    first = subprocess.Popen(cli("run", config, "--out", out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
+
+def _race(command, started_marker):
+    """Start ``command``; once it has written ``started_marker``, try the same command a second time
+    while the first is stopped. Returns (first, second, first's stderr) after the first finished."""
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(RunLayout(out).config, first)  # the first is training
-        second = second_while_first_is_stopped(first, cli("run", config, "--out", out))
+        wait_for(started_marker, first)  # the first is training
+        second = second_while_first_is_stopped(first, command)
         _, first_err = first.communicate(timeout=600)
     finally:
         if first.poll() is None:
             first.kill()
+    return first, second, first_err
+
+def test_a_second_run_on_a_folder_in_use_is_refused(tiny_root, tmp_path):
+    config = _write_config(tmp_path, tiny_config(tiny_root, ban={"generations": 0}, train={"epochs": 40}))
+    out = tmp_path / "run"
+    first, second, first_err = _race(cli("run", config, "--out", out), RunLayout(out).config)
     assert second.returncode == 2
     assert second.stderr.strip().splitlines() == [refused_line(out, first.pid)]
     assert first.returncode == 0, first_err
@@ -87,15 +93,7 @@ def test_a_second_study_on_a_folder_in_use_is_refused(tiny_root, tmp_path):
     study = tmp_path / "study.toml"
     study.write_text(_toml({"name": "lock", "seeds": [0], "objectives": ["ce"], "base": base}))
     out = tmp_path / "study"
-    first = subprocess.Popen(cli("study", study, "--out", out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
-    try:
-        wait_for(StudyLayout(out).config, first)
-        second = second_while_first_is_stopped(first, cli("study", study, "--out", out))
-        _, first_err = first.communicate(timeout=600)
-    finally:
-        if first.poll() is None:
-            first.kill()
+    first, second, first_err = _race(cli("study", study, "--out", out), StudyLayout(out).config)
     assert second.returncode == 2
     assert second.stderr.strip().splitlines() == [refused_line(out, first.pid)]
     assert first.returncode == 0, first_err
