@@ -158,7 +158,8 @@ class TrainConfig(_Validated):
 
     epochs: int = field(default=15, metadata=_POSITIVE)
     batch_size: int = field(default=128, metadata=_POSITIVE)
-    eval_batch_size: int = field(default=1024, metadata=_POSITIVE)
+    # 0 = auto, chosen for the device (engine.loop.eval_batch_size): CUDA 1024, else min(256, 2 * batch_size)
+    eval_batch_size: int = field(default=0, metadata=_check("0 (auto) or an integer >= 1", lambda v: v >= 0))
     optimizer: str = field(default="sgd", metadata=_one_of("sgd", "adamw"))
     lr: float = field(default=0.1, metadata=_check("a number > 0", lambda v: v > 0))
     momentum: float = field(default=0.9, metadata=_check("a number in [0, 1)", lambda v: 0 <= v < 1))

@@ -146,6 +146,36 @@ def test_changed_config_is_refused(tiny_root, tmp_path):
         run_chain(other, tmp_path / "run", progress=False)
 
 
+def test_eval_batch_size_auto_rule_and_explicit_values():
+    from ban_analysis.config import TrainConfig
+    from ban_analysis.engine.loop import eval_batch_size
+
+    assert TrainConfig().eval_batch_size == 0  # auto
+    assert eval_batch_size(TrainConfig(), "cpu") == 256
+    assert eval_batch_size(TrainConfig(batch_size=32), "cpu") == 64
+    assert eval_batch_size(TrainConfig(), "cuda") == 1024
+    assert eval_batch_size(TrainConfig(eval_batch_size=1024), "cpu") == 1024
+    assert eval_batch_size(TrainConfig(eval_batch_size=7, batch_size=512), "cuda") == 7
+
+
+def test_a_folder_from_before_auto_eval_batch_size_resumes_with_its_1024(tiny_root, tmp_path):
+    """config.json written when 1024 was the default; the same TOML (key unset) resumes it, keeping 1024,
+    and ends with the numbers of a run with eval_batch_size = 1024 from the start."""
+    table = tiny_config(tiny_root, ban={"generations": 1})
+    del table["train"]["eval_batch_size"]
+    old = {**table, "train": {**table["train"], "eval_batch_size": 1024}}
+    reference = run_chain(config_from_dict(old), tmp_path / "ref", progress=False)
+    run_chain(config_from_dict(old), tmp_path / "run", progress=False, until_gen=0)  # the "old" folder
+    resumed = run_chain(config_from_dict(table), tmp_path / "run", progress=False)
+    assert resumed == reference
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["eval_batch_size"] == 1024
+    # a new folder takes auto (0) and is refused by an explicit other value
+    run_chain(config_from_dict(table), tmp_path / "new", progress=False, until_gen=0)
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["train"]["eval_batch_size"] == 0
+    with pytest.raises(RunFolderError, match="eval_batch_size"):
+        run_chain(config_from_dict(old), tmp_path / "new", progress=False)
+
+
 def test_corrupted_checkpoint_is_a_clear_error(tiny_root, tmp_path):
     cfg = config_from_dict(tiny_config(tiny_root, ban={"generations": 1}))
     run_chain(cfg, tmp_path / "run", progress=False)

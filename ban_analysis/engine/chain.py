@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ban_analysis.config import RunConfig
 from ban_analysis.data import DatasetBundle
-from ban_analysis.engine.loop import build_model, predict, train_generation
+from ban_analysis.engine.loop import build_model, eval_batch_size, predict, train_generation
 from ban_analysis.engine.runs import RunDir
 from ban_analysis.losses import get_objective
 from ban_analysis.models import create_model
@@ -158,6 +158,23 @@ def _normalised_split(split, bundle: DatasetBundle, batch_size: int) -> tuple[to
     return x, split.y
 
 
+def _legacy_eval_batch_size(run: RunDir, cfg: RunConfig) -> RunConfig:
+    """A run folder written before ``train.eval_batch_size = 0`` ("auto") existed holds the old default,
+    1024: a config that leaves the key unset resumes it with 1024, so the folder continues with the
+    batches it started with instead of being refused as another config."""
+    import dataclasses
+
+    from ban_analysis.engine.runs import read_json
+
+    if cfg.train.eval_batch_size != 0 or not run.layout.config.exists():
+        return cfg
+    stored = read_json(run.layout.config).get("train", {}).get("eval_batch_size")
+    if stored != 1024:
+        return cfg
+    logger.info("%s was started with train.eval_batch_size = 1024 (the default before 'auto'); keeping it", run.path)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_batch_size=1024))
+
+
 def run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen: int | None = None,
               progress: bool = True) -> dict | None:
     """Train (or resume) the whole chain into the run folder ``out_dir``; returns summary.json's dict.
@@ -188,6 +205,7 @@ def _run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen
 
     # under torchrun, rank 0 alone writes the folder (engine/distributed.py)
     run = distributed.run_dir_for(out_dir, distributed.env_world())
+    cfg = _legacy_eval_batch_size(run, cfg)
     resuming = run.check_config(cfg.to_dict())
     last_gen = cfg.ban.generations if until_gen is None else min(until_gen, cfg.ban.generations)
     if resuming and run.is_complete():
@@ -226,11 +244,14 @@ def _run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen
         # (about one backward pass less per call; benchmarks/README.md, Hooks). Not under
         # torchrun: there .grad after the backward is the all-reduced gradient of every rank,
         # while the hooks measure this rank's shard.
+        # defer: logit_split and head_split gather their rows per step and compute their columns at
+        # each epoch's end (train_generation flushes the runner before writing the epoch's files);
+        # not under torchrun, whose writer orders the ranks' rows by each block's first step.
         hook_runner = HookRunner(cfg.hooks, seed=cfg.seed, train_size=len(bundle.train.index),
                                  train_index=bundle.train.index, fuse_backward=not world.enabled,
-                                 clean_labels=clean_by_id)
+                                 clean_labels=clean_by_id, defer=not world.enabled)
         if hook_runner.heldout_hooks():  # heldout_attribution: its fixed rows of the validation split
-            hook_runner.set_heldout(*_normalised_split(bundle.val, bundle, cfg.train.eval_batch_size))
+            hook_runner.set_heldout(*_normalised_split(bundle.val, bundle, eval_batch_size(cfg.train, torch_device)))
 
     teacher = None
     for gen in range(last_gen + 1):
@@ -242,8 +263,9 @@ def _run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen
             continue
         if gen == 0 and cfg.teacher.checkpoint:
             teacher = freeze(_import_teacher(cfg, run, bundle, torch_device))
-            run.save_logits(0, "val", predict(teacher, bundle.val, bundle, cfg.train.eval_batch_size))
-            run.save_logits(0, "test", predict(teacher, bundle.test, bundle, cfg.train.eval_batch_size))
+            eval_bs = eval_batch_size(cfg.train, torch_device)
+            run.save_logits(0, "val", predict(teacher, bundle.val, bundle, eval_bs))
+            run.save_logits(0, "test", predict(teacher, bundle.test, bundle, eval_bs))
             continue
         objective = objective_for_gen(cfg, gen)
         parent_sha = sha256_file(run.checkpoint_path(gen - 1)) if gen > 0 and world.is_main else None

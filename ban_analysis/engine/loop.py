@@ -79,6 +79,23 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
                            nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
 
 
+# train.eval_batch_size = 0 ("auto"): on a GPU one large batch; on a CPU, where the measured
+# optimum is 128-256 images per forward and 1024 runs ResNet-20 at half the speed (benchmarks/README.md,
+# "Evaluation batch size"), twice the training batch, at most 256
+AUTO_EVAL_BATCH = {"cuda": 1024, "cpu_max": 256}
+
+
+def eval_batch_size(cfg: TrainConfig, device: str | torch.device) -> int:
+    """``cfg.eval_batch_size``, or for 0 ("auto") the rule for ``device``: CUDA 1024; otherwise
+    ``min(256, 2 * cfg.batch_size)``. Deterministic (no timing), so a config gives the same batches
+    on every machine of a kind. Predictions do not depend on it except through float rounding."""
+    if cfg.eval_batch_size:
+        return cfg.eval_batch_size
+    if torch.device(device).type == "cuda":
+        return AUTO_EVAL_BATCH["cuda"]
+    return min(AUTO_EVAL_BATCH["cpu_max"], 2 * cfg.batch_size)
+
+
 def predict(model: nn.Module, split: Split, bundle: DatasetBundle, batch_size: int,
             amp: str = "off", channels_last: bool = False) -> torch.Tensor:
     """(N, C) float32 logits of ``split`` in its stored order, model in eval mode, no augmentation."""
@@ -107,6 +124,10 @@ class GenerationResult:
     test_logits: torch.Tensor | None = None
     # the best-validation epoch (train.track_best): {"epoch", "val_acc", "val_logits", "test_logits"}
     best: dict | None = None
+    # seconds of each epoch trained in this call spent evaluating (the validation prediction, and the
+    # test prediction of an epoch that improves on the best); metrics.csv's "seconds" holds the former
+    eval_seconds: list[float] = field(default_factory=list)
+    final_eval_seconds: float = 0.0  # the final val/test predictions (0 where an epoch's are reused)
 
 
 def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: TrainConfig, *,
@@ -138,6 +159,7 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
     if objective.needs_teacher and teacher is None:
         raise ValueError(f"objective {objective.name!r} needs a teacher; generation {gen} has none")
     device = bundle.train.x.device
+    eval_bs = eval_batch_size(cfg, device)  # train.eval_batch_size, 0 = auto for the device
     optimizer = make_optimizer(model, cfg)
     scaler = make_scaler(cfg.amp, device)  # fp16 autocast only (amp.py); None for bf16 and off
     world = distributed.current()  # a single process unless started by torchrun (distributed.py)
@@ -173,8 +195,7 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
     if teacher is not None and augment == "none":
         # Without augmentation the teacher sees each training image unchanged, so its logits are
         # computed once instead of once per step: the BAN step then costs what the CE step costs.
-        teacher_train_logits = predict(teacher, bundle.train, bundle, cfg.eval_batch_size, cfg.amp,
-                                       cfg.channels_last)
+        teacher_train_logits = predict(teacher, bundle.train, bundle, eval_bs, cfg.amp, cfg.channels_last)
         row_of = torch.full((int(bundle.train.index.max()) + 1,), -1, dtype=torch.long, device=device)
         row_of[bundle.train.index] = torch.arange(len(bundle.train.index), device=device)
 
@@ -185,6 +206,7 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
         from ban_analysis.engine.tracking import TensorBoardLog
 
         board = TensorBoardLog(run.layout.tensorboard(gen), start_epoch)
+    last_eval, result_eval_seconds = None, []  # (epoch, val logits, test logits if predicted), seconds
     with torch.random.fork_rng(devices=[]), (contextlib.closing(board) if board else contextlib.nullcontext()):
         torch.set_rng_state(torch_state)
         for epoch in range(start_epoch, cfg.epochs):
@@ -228,6 +250,10 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
                 if i % 20 == 0:
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
             bar.close()
+            if hooks is not None and hasattr(hooks, "flush"):  # HookRunner(defer=True): the epoch's deferred rows
+                deferred = hooks.flush()
+                if deferred and writer is not None:
+                    writer.add(epoch, epoch * steps_per_epoch, deferred)  # rows carry their own step
             if world.enabled:  # the epoch's sums over all ranks; rank 0's BatchNorm buffers everywhere
                 counts = noise_counts.tolist() if clean_targets is not None else []
                 sums = distributed.all_sum([loss_sum, correct, seen, skipped, *counts], world, device)
@@ -235,7 +261,9 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
                 if clean_targets is not None:
                     noise_counts = torch.tensor([int(v) for v in sums[4:]], dtype=torch.long)
                 distributed.broadcast_buffers(model, world)
-            val_logits = predict(model, bundle.val, bundle, cfg.eval_batch_size, cfg.amp, cfg.channels_last)
+            eval_started = time.perf_counter()
+            val_logits = predict(model, bundle.val, bundle, eval_bs, cfg.amp, cfg.channels_last)
+            eval_seconds = time.perf_counter() - eval_started
             row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                    **_split_loss_acc(val_logits, bundle.val.y), "lr": lr,
                    "seconds": time.perf_counter() - started}
@@ -247,12 +275,16 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
                 row["skipped_steps"] = skipped
             metrics.append(row)
             if track_best and row["val_acc"] > (best["val_acc"] if best else -math.inf):  # NaN: never
+                eval_started = time.perf_counter()
+                best_test = predict(model, bundle.test, bundle, eval_bs, cfg.amp, cfg.channels_last)
+                eval_seconds += time.perf_counter() - eval_started
                 best = {"epoch": epoch + 1, "val_acc": row["val_acc"], "val_logits": val_logits.float().cpu(),
-                        "test_logits": predict(model, bundle.test, bundle, cfg.eval_batch_size, cfg.amp,
-                                               cfg.channels_last).float().cpu()}
-            logger.info("gen %d epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.1fs)",
-                        gen, epoch + 1, cfg.epochs, row["train_loss"], row["train_acc"],
-                        row["val_loss"], row["val_acc"], row["seconds"])
+                        "test_logits": best_test.float().cpu()}
+            last_eval = (epoch, val_logits, best_test if best is not None and best["epoch"] == epoch + 1 else None)
+            result_eval_seconds.append(eval_seconds)
+            logger.info("gen %d epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.1fs, %.1fs of it "
+                        "evaluating at batch %d)", gen, epoch + 1, cfg.epochs, row["train_loss"], row["train_acc"],
+                        row["val_loss"], row["val_acc"], row["seconds"], eval_seconds, eval_bs)
             if run is not None:
                 hook_means = {}
                 if writer is not None:  # before the checkpoint: a crash in between redoes the epoch
@@ -270,9 +302,17 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
                                 "torch": torch.get_rng_state()},
                         **({"scaler": scaler.state_dict()} if scaler is not None else {}),
                         **(arch_info or {})})
-    result = GenerationResult(gen=gen, metrics=metrics, best=best if track_best else None)
-    result.val_logits = predict(model, bundle.val, bundle, cfg.eval_batch_size, cfg.amp, cfg.channels_last)
-    result.test_logits = predict(model, bundle.test, bundle, cfg.eval_batch_size, cfg.amp, cfg.channels_last)
+    result = GenerationResult(gen=gen, metrics=metrics, best=best if track_best else None,
+                              eval_seconds=result_eval_seconds)
+    # The final model is the last epoch's: where that epoch ran in this call its predictions are
+    # reused (the same model on the same rows gives the same logits), else computed now (a resume).
+    eval_started = time.perf_counter()
+    reuse = last_eval is not None and last_eval[0] == cfg.epochs - 1
+    result.val_logits = last_eval[1] if reuse else predict(model, bundle.val, bundle, eval_bs, cfg.amp,
+                                                           cfg.channels_last)
+    result.test_logits = (last_eval[2] if reuse and last_eval[2] is not None
+                          else predict(model, bundle.test, bundle, eval_bs, cfg.amp, cfg.channels_last))
+    result.final_eval_seconds = time.perf_counter() - eval_started
     return result
 
 

@@ -353,8 +353,10 @@ class HookWriter:
     """Buffers hook outputs in memory and writes one Parquet file per hook and epoch.
 
     Rows arrive as {hook: {column: tensor}} per step; per-sample columns are (B',) tensors and
-    per-step values are 0-d tensors (broadcast to one row). The epoch's file is written at epoch
-    end, before the epoch's checkpoint, so a crash loses at most this epoch and resume rewrites it.
+    per-step values are 0-d tensors (broadcast to one row). A 1-d ``step`` column (the rows of many
+    steps at once, from ``HookRunner.flush``) gives each row its own step instead of the ``step``
+    argument. The epoch's file is written at epoch end, before the epoch's checkpoint, so a crash
+    loses at most this epoch and resume rewrites it.
     """
 
     def __init__(self, run: RunDir, gen: int):
@@ -366,11 +368,13 @@ class HookWriter:
             if not columns:
                 continue
             arrays = {name: t.detach().cpu().numpy() for name, t in columns.items()}
+            steps = arrays.pop("step", None)
             n_rows = max((a.shape[0] for a in arrays.values() if a.ndim == 1), default=1)
             if n_rows == 0:
                 continue
             block = {"gen": np.full(n_rows, self.gen, np.int32), "epoch": np.full(n_rows, epoch, np.int32),
-                     "step": np.full(n_rows, step, np.int64)}
+                     "step": (np.full(n_rows, step if steps is None else steps, np.int64)
+                              if steps is None or steps.ndim == 0 else steps.astype(np.int64, copy=False))}
             for name, a in arrays.items():
                 block[name] = np.broadcast_to(a, (n_rows,)) if a.ndim == 0 else a
             self._buffers.setdefault(hook, []).append(block)

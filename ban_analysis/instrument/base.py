@@ -59,7 +59,9 @@ class Hook:
 
     Class attributes: ``name``; ``per_sample`` (columns (n,) with ``sample_index`` added by
     the runner, or per-step 0-d tensors); defaults ``every_n_steps``, ``samples``,
-    ``sample_from``; ``options`` = option -> default; ``choices`` = option -> allowed values.
+    ``sample_from``; ``options`` = option -> default; ``choices`` = option -> allowed values;
+    ``deferrable``: the hook implements :meth:`gather` and :meth:`compute` (per-sample hooks whose
+    columns are row-wise functions of a few per-row tensors: ``logit_split``, ``head_split``).
     """
 
     name: ClassVar[str] = ""
@@ -69,6 +71,7 @@ class Hook:
     sample_from: ClassVar[str] = "train"
     options: ClassVar[dict] = {}
     choices: ClassVar[dict] = {}
+    deferrable: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self.opts = {**self.options, **options}
@@ -76,6 +79,32 @@ class Hook:
         # Set by HookRunner(fuse_backward=True) on hooks that can reuse the trainer's backward:
         # __call__ then prepares and returns None, and after_backward(ctx) returns the columns.
         self.fused = False
+        # Set by HookRunner(defer=True) on deferrable hooks: the runner then calls gather(ctx) at each
+        # due step instead of __call__, buffers what it returns, and compute(rows) makes the columns
+        # of many steps' rows at once when the runner is flushed.
+        self.deferred = False
+
+    def gather(self, ctx: StepContext) -> dict[str, Tensor]:
+        """What :meth:`compute` needs, for every row of the batch: (B, ...) tensors of the step,
+        detached and by reference (no copy, no indexing), so a step pays (almost) no tensor
+        operation. Keep them narrow: a (B, D) activation held for many steps costs more in fresh
+        memory than reducing it to the per-row numbers the statistics need (``head_split`` does).
+
+        The runner keeps them (checking at compute time that none was changed in place), selects
+        the reported rows (``samples`` / ``sample_from``) over many steps at once, and hands
+        :meth:`compute` those rows concatenated along dim 0. ``ctx.rows`` is not set. Keys may differ
+        between generations (``teacher_logits`` is absent without a teacher).
+        """
+        raise NotImplementedError
+
+    def compute(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The columns (n,) of buffered rows from :meth:`gather`, concatenated over steps.
+
+        ``raw`` also holds ``batch_size``: (n,) float32, the size of the batch each row came from.
+        The columns are those ``__call__`` returns for the same rows (per-step 0-d columns given
+        per row), equal up to float rounding.
+        """
+        raise NotImplementedError
 
     def can_fuse(self) -> bool:
         """Whether this hook has a cheaper path that reads the trainer's backward."""

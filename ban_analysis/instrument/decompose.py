@@ -114,6 +114,7 @@ def per_sample_stats(
     target: Tensor,
     out: ObjectiveOutput,
     anchor: Tensor | None = None,
+    batch_size: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Per-sample quantities around the logit-level split (Furlanello et al. 2018, eqs. 6-9).
 
@@ -130,6 +131,9 @@ def per_sample_stats(
         anchor: (B,) int64 coordinate the split is anchored at (see :func:`anchor_index`);
             None = the label. Only ``g_target`` and ``g_dark_norm`` depend on it; the ``p_``,
             ``q_`` and entropy columns stay at the label.
+        batch_size: (B,) float32, the size of the batch each row came from (its scale factor);
+            None = B, the rows are one batch. Lets rows gathered from several steps be computed in
+            one call (``HookRunner(defer=True)``) with the values each step would have given.
 
     Returns:
         dict of (B,) tensors (float32 unless noted), keys ``STAT_KEYS``:
@@ -160,8 +164,11 @@ def per_sample_stats(
     if anchor is not None:
         _check_index("anchor", anchor, B, C)
     at = target if anchor is None else anchor  # the split's coordinate
+    if batch_size is not None and tuple(batch_size.shape) != (B,):
+        raise ValueError(f"batch_size must have shape ({B},), got {tuple(batch_size.shape)}")
+    scale = B if batch_size is None else batch_size.float()  # per row: the same product as by the int
 
-    g = out.logit_grad.detach().float() * B  # (B, C) per-sample gradient
+    g = out.logit_grad.detach().float() * (scale if batch_size is None else scale.unsqueeze(1))  # (B, C)
     col = target.unsqueeze(1)  # (B, 1)
     g_target = g.gather(1, at.unsqueeze(1)).squeeze(1)  # (B,)
     g_norm = torch.linalg.vector_norm(g, dim=1)  # (B,)
@@ -203,7 +210,7 @@ def per_sample_stats(
             teacher_nontarget_entropy=entropy.clamp_(0.0, 1.0),
             kl_teacher_student=(p * (log_p - log_q)).sum(dim=1),
         )
-    stats["sample_weight"] = out.sample_weight.detach().float() * B
+    stats["sample_weight"] = out.sample_weight.detach().float() * scale
     return {k: stats[k] for k in STAT_KEYS}
 
 

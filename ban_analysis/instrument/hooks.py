@@ -24,6 +24,7 @@ teacher's argmax; without a teacher, objective ``ce``, the label is used and the
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +72,30 @@ def _cotangents(ctx: StepContext, scale: bool, anchor: str = "label") -> dict[st
 
 def _sel(x: Tensor, rows: Tensor | None) -> Tensor:
     return x if rows is None else x[rows]
+
+
+def _plain(t: Tensor) -> Tensor:
+    """``t`` without autograd history (``detach`` only where there is one: a step pays per op)."""
+    return t.detach() if t.requires_grad else t
+
+
+def _note_anchor(hook: Hook, ctx: StepContext) -> None:
+    """A deferred hook's record of the anchor in effect (``info()``), as ``_anchor_cols`` keeps it."""
+    if hook.opts.get("anchor", "label") != "label":
+        effective = "label" if ctx.teacher_logits is None else "teacher_argmax"
+        hook.state.setdefault("anchor_effective", {})[str(ctx.gen)] = effective
+
+
+def _deferred_anchor(hook: Hook, raw: dict[str, Tensor]) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """(anchor index or None for the label, the per-row ``anchor_teacher_argmax`` column if any)."""
+    anchor = hook.opts.get("anchor", "label")
+    if anchor == "label":
+        return None, {}
+    teacher = raw.get("teacher_logits")
+    at, effective = anchor_index(raw["target"], teacher, anchor)
+    flag = torch.full(raw["target"].shape, int(effective == "teacher_argmax"), dtype=torch.int8,
+                      device=raw["target"].device)
+    return at, {"anchor_teacher_argmax": flag}
 
 
 def _head_name(model: nn.Module) -> str:
@@ -129,6 +154,23 @@ class LogitSplit(Hook):
         cols.update(_anchor_cols(self, ctx))
         return cols
 
+    deferrable = True
+
+    def gather(self, ctx: StepContext) -> dict[str, Tensor]:
+        _note_anchor(self, ctx)
+        raw = {"student_logits": _plain(ctx.student_logits), "target": ctx.target,
+               "logit_grad": _plain(ctx.out.logit_grad), "sample_weight": _plain(ctx.out.sample_weight)}
+        if ctx.teacher_logits is not None:
+            raw["teacher_logits"] = _plain(ctx.teacher_logits)
+        return raw
+
+    def compute(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
+        at, anchor_col = _deferred_anchor(self, raw)
+        out = SimpleNamespace(logit_grad=raw["logit_grad"], sample_weight=raw["sample_weight"])
+        stats = per_sample_stats(raw["student_logits"], raw.get("teacher_logits"), raw["target"], out,
+                                 anchor=at, batch_size=raw["batch_size"])
+        return {"target": raw["target"], **stats, **anchor_col}
+
 
 @register_hook
 class HeadSplit(Hook):
@@ -156,6 +198,39 @@ class HeadSplit(Hook):
         cols = pg.head_stats(features, _cotangents(ctx, True, self.opts["anchor"]), ctx.rows,
                              include_bias=self.opts["include_bias"])
         return {**cols, **_anchor_cols(self, ctx)}
+
+    deferrable = True
+
+    def gather(self, ctx):
+        head = self.capture_modules(ctx.model)[0][0]
+        if head not in ctx.captured:
+            raise ValueError("head_split needs the student forward wrapped in runner.capture(model, step)")
+        _note_anchor(self, ctx)
+        # the (B, D) head input enters the statistics only through its norm per row, so that is kept
+        # instead of it: one pass over the features (each op over them costs ~40 us on this CPU,
+        # about what all the rest of a deferred step costs); |f|^2 is its square (head_stats sums
+        # f * f: equal up to float rounding, ~1e-7 relative)
+        logit_grad = _plain(ctx.out.logit_grad)
+        with torch.no_grad():
+            f = ctx.captured[head][0]
+            f = f.to(torch.promote_types(f.dtype, logit_grad.dtype))
+            raw = {"feature_norm": torch.linalg.vector_norm(f, dim=1), "target": ctx.target,
+                   "logit_grad": logit_grad}
+        if ctx.teacher_logits is not None and self.opts["anchor"] != "label":
+            raw["teacher_logits"] = _plain(ctx.teacher_logits)
+        return raw
+
+    def compute(self, raw):
+        at, anchor_col = _deferred_anchor(self, raw)
+        g = raw["logit_grad"]
+        g = g * raw["batch_size"].to(g.dtype).unsqueeze(1)  # as _cotangents(ctx, True, ...) scales by B
+        target_part, dark_part = split_logit_grad(g, raw["target"] if at is None else at)
+        fn = raw["feature_norm"]
+        dtype = fn.dtype
+        cols = pg.head_norm_stats(fn * fn, fn,
+                                  {"target": target_part.to(dtype), "dark": dark_part.to(dtype)},
+                                  include_bias=self.opts["include_bias"])
+        return {**cols, **anchor_col}
 
 
 @register_hook

@@ -53,6 +53,7 @@ __all__ = [
     "layer_groups",
     "update_share_stats",
     "head_stats",
+    "head_norm_stats",
     "contribution_stats",
     "contribution_pieces",
     "exact_stats",
@@ -130,8 +131,12 @@ def layer_groups(param_names: Iterable[str], depth: int = 1) -> list[str]:
     return groups
 
 
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
 def _vdot(a: Tensor, b: Tensor) -> Tensor:
-    return torch.dot(a.reshape(-1), b.reshape(-1)).double()
+    return _dot(a, b).double()
 
 
 def update_share_stats(
@@ -154,21 +159,24 @@ def update_share_stats(
     if len(gt) != len(gd) or (groups is not None and len(groups) != len(gt)):
         raise ValueError("term_grads lists and groups must have one entry per parameter")
     # (P, 3) per-parameter dots: <T,T>, <D,D>, <T,D>; everything else follows from them.
-    dots = torch.stack([torch.stack([_vdot(t, t), _vdot(d, d), _vdot(t, d)]) for t, d in zip(gt, gd)])
+    # float32 dots stacked, then one exact conversion to float64 (each _vdot's .double() at once)
+    dots = torch.stack([torch.stack([_dot(t, t), _dot(d, d), _dot(t, d)]) for t, d in zip(gt, gd)]).double()
     sets = {"": list(range(len(gt)))}
     if groups is not None:
         for i, g in enumerate(groups):
             sets.setdefault(g + ".", []).append(i)
+    # one row per set (all parameters, then each group), the same sums as set by set; the
+    # statistics are elementwise, so computing them for all sets at once changes no bit
+    tt, dd, td = torch.stack([dots[idx].sum(0) for idx in sets.values()]).unbind(1)
+    gg = tt + dd + 2 * td
+    columns = {"target_norm": tt.sqrt(), "dark_norm": dd.sqrt(), "grad_norm": gg.clamp_min(0).sqrt(),
+               "cos_target_dark": td / (tt * dd).sqrt(), "share_target": (tt + td) / gg,
+               "share_dark": (dd + td) / gg}
+    per_set = {name: col.unbind() for name, col in columns.items()}
     stats = {}
-    for prefix, idx in sets.items():
-        tt, dd, td = dots[idx].sum(0).unbind()
-        gg = tt + dd + 2 * td
-        stats[prefix + "target_norm"] = tt.sqrt()
-        stats[prefix + "dark_norm"] = dd.sqrt()
-        stats[prefix + "grad_norm"] = gg.clamp_min(0).sqrt()
-        stats[prefix + "cos_target_dark"] = td / (tt * dd).sqrt()
-        stats[prefix + "share_target"] = (tt + td) / gg
-        stats[prefix + "share_dark"] = (dd + td) / gg
+    for i, prefix in enumerate(sets):
+        for name in columns:
+            stats[prefix + name] = per_set[name][i]
     return stats
 
 
@@ -201,13 +209,22 @@ def head_stats(
         f, ct, cd = f[rows], ct[rows], cd[rows]
     dtype = torch.promote_types(f.dtype, ct.dtype)
     f, ct, cd = f.to(dtype), ct.to(dtype), cd.to(dtype)
-    ff = (f * f).sum(1) + (1.0 if include_bias else 0.0)  # (n,)
+    return head_norm_stats((f * f).sum(1), f.norm(dim=1), {"target": ct, "dark": cd}, include_bias)
+
+
+def head_norm_stats(feature_sq: Tensor, feature_norm: Tensor, cotangents: dict[str, Tensor],
+                    include_bias: bool = True) -> dict[str, Tensor]:
+    """:func:`head_stats` from the rows' features reduced to ``(f * f).sum(1)`` and ``f.norm(dim=1)``
+    (both (n,), in the dtype the cotangents are promoted to): a deferred ``head_split`` keeps these
+    two numbers per row instead of the (B, D) head input."""
+    ct, cd = cotangents["target"], cotangents["dark"]
+    ff = feature_sq + (1.0 if include_bias else 0.0)  # (n,)
     tt, dd, td = (ct * ct).sum(1) * ff, (cd * cd).sum(1) * ff, (ct * cd).sum(1) * ff
     return {
         "head_target_norm": tt.sqrt(),
         "head_dark_norm": dd.sqrt(),
         "head_cos": td / (tt * dd).sqrt(),
-        "feature_norm": f.norm(dim=1),
+        "feature_norm": feature_norm,
     }
 
 

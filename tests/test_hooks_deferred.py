@@ -1,0 +1,199 @@
+"""Deferred per-sample hooks (``HookRunner(defer=True)``): rows gathered per step, statistics at flush.
+
+The deferred rows must be the rows the per-step path gives: same columns in the same order, same
+dtypes, same row order (step, then batch position), values equal to 1e-6 relative; and a run folder
+written by ``run_chain`` (which defers) must hold the same Parquet files as one written without
+deferral, also after a crash mid-epoch and a resume.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ban_analysis.config import config_from_dict
+from ban_analysis.engine import chain as train_mod
+from ban_analysis.engine.chain import run_chain
+from ban_analysis.engine.runs import HookWriter
+from ban_analysis.instrument import hooks as hooks_mod
+from ban_analysis.instrument.hooks import HookRunner
+from ban_analysis.layout import RunLayout
+from tests.conftest import tiny_config
+from tests.test_hooks import Net, step_context
+
+# experiments/study_fmnist_mlp.toml's hook set, at the tiny data's scale
+STUDY_HOOKS = {"logit_split": {"every_n_steps": 1, "samples": 200}, "head_split": {"every_n_steps": 1, "samples": 200},
+               "update_share": {"every_n_steps": 5}, "param_split": {"every_n_steps": 7, "samples": 8}}
+
+
+def _as_frame(rows_by_step: list[tuple[int, dict]], gen: int = 1) -> dict[str, pd.DataFrame]:
+    """What HookWriter would write for these (step, rows) calls: hook -> frame (as its flush builds it)."""
+    writer = HookWriter(None, gen)
+    for step, rows in rows_by_step:
+        writer.add(0, step, rows)
+    return {hook: pd.concat([pd.DataFrame(b) for b in blocks], ignore_index=True)
+            for hook, blocks in writer._buffers.items()}
+
+
+def _assert_frames_match(got: pd.DataFrame, want: pd.DataFrame, what: str) -> None:
+    assert list(got.columns) == list(want.columns), what
+    assert list(got.dtypes) == list(want.dtypes), what
+    assert len(got) == len(want), what
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-6, atol=0, obj=what)
+
+
+@pytest.mark.parametrize("anchor", ["label", "teacher_argmax"])
+@pytest.mark.parametrize("objective", ["ban", "ce", "cwtm"])
+@pytest.mark.parametrize("defer_bytes", [2**26, 2000])
+@pytest.mark.parametrize("head_rows", [{"samples": 30}, {"samples": 5, "sample_from": "batch"}])
+def test_deferred_rows_equal_the_per_step_rows(anchor, objective, defer_bytes, head_rows):
+    """run() per step vs flush(): same columns, dtypes, row order and values (all rows, a fixed
+    subset, rows drawn per step, label-noise columns, an anchor at the teacher's argmax, no teacher,
+    steps computed in groups of one or two: 2,000 bytes)."""
+    cfg = {"logit_split": {"anchor": anchor}, "head_split": {"anchor": anchor, **head_rows},
+           "update_share": {"every_n_steps": 2}}
+    clean = torch.randint(0, 5, (60,), generator=torch.Generator().manual_seed(3))
+    runners = {d: HookRunner(cfg, seed=0, train_size=60, clean_labels=clean, defer=d, defer_bytes=defer_bytes)
+               for d in (False, True)}
+    assert runners[True].info()["logit_split"]["deferred"] and "deferred" not in runners[False].info()["logit_split"]
+    assert not runners[True].hooks["update_share"].hook.deferred
+    torch.manual_seed(0)
+    model = Net()
+    calls = {False: [], True: []}
+    for step in range(6):
+        for deferred, runner in runners.items():
+            torch.manual_seed(step)  # the same dropout mask for both runners' forward
+            ctx = step_context(runner, model, step, objective=objective)
+            rows = runner.run(ctx)
+            assert not (deferred and ({"logit_split", "head_split"} & set(rows)))
+            calls[deferred].append((step, rows))
+    flushed = runners[True].flush()
+    assert set(flushed) == {"logit_split", "head_split"} and runners[True].flush() == {}
+    assert list(flushed["logit_split"])[:2] == ["step", "sample_index"]
+    want = _as_frame(calls[False])
+    got = _as_frame(calls[True] + [(5, flushed)])
+    assert set(got) == set(want)
+    for hook in want:
+        _assert_frames_match(got[hook], want[hook], hook)
+    assert runners[True].info()["logit_split"].get("anchor_effective") == \
+        runners[False].info()["logit_split"].get("anchor_effective")
+
+
+def test_rows_of_an_earlier_epoch_are_dropped_with_a_warning(caplog):
+    runner = HookRunner({"logit_split": {}}, seed=0, train_size=60, defer=True)
+    model = Net()
+    runner.run(step_context(runner, model, 0))
+    ctx = step_context(runner, model, 1)
+    ctx.epoch = 1
+    with caplog.at_level("WARNING", logger="ban_analysis.instrument.hooks"):
+        runner.run(ctx)
+    assert "flush was not called" in caplog.text
+    assert set(runner.flush()["logit_split"]["step"].tolist()) == {1}
+
+
+def test_a_tensor_changed_in_place_after_its_step_is_refused():
+    runner = HookRunner({"logit_split": {}}, seed=0, train_size=60, defer=True)
+    ctx = step_context(runner, Net(), 0)
+    runner.run(ctx)
+    ctx.target.add_(0)
+    with pytest.raises(RuntimeError, match="changed in place"):
+        runner.flush()
+
+
+def test_membership_lookup_matches_isin():
+    """The CPU subset lookup (a bool mask over sample ids) picks the rows torch.isin picks, ids
+    beyond the largest subset id included."""
+    runner = HookRunner({"logit_split": {"samples": 20}}, seed=0, train_size=60)
+    r = runner.hooks["logit_split"]
+    for index in (torch.randperm(60)[:12], torch.tensor([59, 3, 70, 200, 0]), torch.tensor([], dtype=torch.long)):
+        ctx = step_context(runner, Net(), 0)
+        ctx.sample_index = index
+        got = runner._rows("logit_split", r, ctx)
+        assert torch.equal(got, torch.isin(index, r.subset).nonzero().squeeze(1))
+
+
+def _immediate(monkeypatch):
+    """run_chain with HookRunner(defer=False): the per-step path, for comparison."""
+    real = hooks_mod.HookRunner
+
+    class Immediate(real):
+        def __init__(self, *args, **kwargs):
+            kwargs["defer"] = False
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(hooks_mod, "HookRunner", Immediate)
+
+
+def _hook_frames(out, hooks=("logit_split", "head_split", "update_share", "param_split")):
+    layout = RunLayout(out)
+    return {(hook, gen, path.name): pd.read_parquet(path) for hook in hooks for gen, path in layout.hook_files(hook)}
+
+
+def _assert_same_hook_files(a, b):
+    fa, fb = _hook_frames(a), _hook_frames(b)
+    assert sorted(fa) == sorted(fb) and fa
+    for key in fa:
+        _assert_frames_match(fb[key], fa[key], str(key))
+
+
+def test_run_chain_deferred_files_equal_the_per_step_files(tiny_root, tmp_path, monkeypatch):
+    table = tiny_config(tiny_root, hooks=STUDY_HOOKS, ban={"generations": 1})
+    cfg = config_from_dict(table)
+    deferred = run_chain(cfg, tmp_path / "deferred", progress=False)
+    with monkeypatch.context() as m:
+        _immediate(m)
+        immediate = run_chain(cfg, tmp_path / "immediate", progress=False)
+    assert deferred == immediate
+    _assert_same_hook_files(tmp_path / "immediate", tmp_path / "deferred")
+    frame = pd.read_parquet(tmp_path / "deferred" / "gen-1" / "hooks" / "logit_split" / "epoch-1.parquet")
+    assert list(frame.columns[:4]) == ["gen", "epoch", "step", "sample_index"]
+    assert frame["step"].is_monotonic_increasing and frame["epoch"].eq(1).all()
+    import json
+
+    manifest = json.loads((tmp_path / "deferred" / "manifest.json").read_text())
+    assert manifest["hooks"]["logit_split"]["deferred"] is True
+
+
+def _crash_at(monkeypatch, calls: int):
+    real = train_mod.get_objective
+    counter = {"n": 0}
+
+    def crashing(name, **params):
+        objective = real(name, **params)
+
+        class Crashing:
+            def __getattr__(self, attr):
+                return getattr(objective, attr)
+
+            def __call__(self, *args, **kwargs):
+                counter["n"] += 1
+                if counter["n"] == calls:
+                    raise KeyboardInterrupt("simulated kill")
+                return objective(*args, **kwargs)
+
+        return Crashing()
+
+    monkeypatch.setattr(train_mod, "get_objective", crashing)
+
+
+def test_resume_after_a_crash_mid_epoch_gives_the_same_files(tiny_root, tmp_path, monkeypatch):
+    """520 training samples / batch 32 = 17 steps per epoch, 34 objective calls per generation: call 61
+    is gen 1, epoch 1 (0-based), step 26. That epoch's deferred rows are lost with the process and
+    redone by the resume."""
+    cfg = config_from_dict(tiny_config(tiny_root, hooks=STUDY_HOOKS, ban={"generations": 1}))
+    with monkeypatch.context() as m:
+        _immediate(m)
+        run_chain(cfg, tmp_path / "ref", progress=False)
+    with monkeypatch.context() as m:
+        _crash_at(m, 61)
+        with pytest.raises(KeyboardInterrupt):
+            run_chain(cfg, tmp_path / "crashed", progress=False)
+    assert (tmp_path / "crashed" / "gen-1" / "hooks" / "logit_split" / "epoch-0.parquet").exists()
+    assert not (tmp_path / "crashed" / "gen-1" / "hooks" / "logit_split" / "epoch-1.parquet").exists()
+    run_chain(cfg, tmp_path / "crashed", progress=False)
+    _assert_same_hook_files(tmp_path / "ref", tmp_path / "crashed")
+    got = pd.concat(f for (hook, gen, _), f in _hook_frames(tmp_path / "crashed").items() if hook == "logit_split")
+    assert not got.duplicated(["gen", "epoch", "step", "sample_index"]).any()
+    np.testing.assert_array_equal(got["gen"].unique(), [0, 1])
