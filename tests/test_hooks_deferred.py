@@ -69,7 +69,9 @@ def test_deferred_rows_equal_the_per_step_rows(anchor, objective, defer_bytes, h
             rows = runner.run(ctx)
             assert not (deferred and ({"logit_split", "head_split"} & set(rows)))
             calls[deferred].append((step, rows))
+    assert any(m._forward_hooks for m in model.modules())  # the deferred runner's head hook, kept
     flushed = runners[True].flush()
+    assert not any(m._forward_hooks for m in model.modules())  # removed by flush
     assert set(flushed) == {"logit_split", "head_split"} and runners[True].flush() == {}
     assert list(flushed["logit_split"])[:2] == ["step", "sample_index"]
     want = _as_frame(calls[False])

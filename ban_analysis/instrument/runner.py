@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ban_analysis.instrument import param_grads as pg
+from ban_analysis.instrument.contrib import _Captured
 from ban_analysis.instrument.base import HOOKS, StepContext
 from ban_analysis.instrument.hook_config import Resolved, check_int, heldout_subset, resolve, seed_of
 
@@ -49,6 +50,51 @@ class _Capture:
         if self._cm is not None:
             self._cm.__exit__(*exc)
             self._cm = None
+
+
+class _Sticky:
+    """Forward hooks a deferred runner keeps registered through an epoch (removed by ``flush``): a step
+    that needs just these modules, outputs not copied (``head_split``'s head input), arms them
+    instead of registering and removing hooks again, which is most of a capture's cost."""
+
+    def __init__(self, model: nn.Module, names: list[str], modules: dict) -> None:
+        self.model, self.names = weakref.ref(model), names
+        self.dues: set[tuple[str, ...]] = set()  # the sets of due hooks this capture serves
+        self.captured: _Captured | None = None  # the armed step's record; None: the hooks do nothing
+        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):  # as capture_activations' hook, with clone_outputs=False
+            captured = self.captured
+            if captured is None:
+                return None
+            if name in captured:
+                raise ValueError(f"module {name!r} was called twice in one forward; "
+                                 "per-sample contributions need one call per module")
+            if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
+                captured[name] = (args[0], output)
+                captured.versions[name] = output._version
+            return None
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class _Armed:
+    """The capture of a step served by a :class:`_Sticky`: arms its hooks inside the block."""
+
+    def __init__(self, sticky: _Sticky) -> None:
+        self._sticky, self.captured = sticky, {}
+
+    def __enter__(self) -> "_Armed":
+        self.captured = self._sticky.captured = _Captured()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sticky.captured = None
 
 
 @dataclasses.dataclass
@@ -99,7 +145,9 @@ class HookRunner:
             values are the per-step ones up to float rounding (tested to 1e-6 relative;
             ``logit_split`` is bit-identical on CPU here, ``head_split`` within ~1e-7). The kept
             tensors must not change after their step: labels or ids refilled in place raise at
-            compute time (``train_step`` and the objectives make new tensors every step).
+            compute time (``train_step`` and the objectives make new tensors every step). The
+            forward hook on a module captured at every step without copies (``head_split``'s
+            head) stays registered from the epoch's first step to :meth:`flush`.
         defer_bytes: with ``defer``, the memory one deferred hook may hold before its waiting
             steps are computed and released (default 64 MiB: several Fashion-MNIST epochs of the
             MLP, about 20 steps of a 1000-class model at batch 256); the columns wait for
@@ -149,6 +197,9 @@ class HookRunner:
         self._deferred_at: tuple[int, int] | None = None
         self._member: dict[str, Tensor] = {}  # hook -> bool mask over sample ids of its fixed subset (CPU)
         self._modules: tuple | None = None  # (weakref to the model, its named_modules dict) for capture
+        self._every_step: tuple | None = None  # (weakref to the model, _every_step_modules)
+        self._sticky: _Sticky | None = None  # defer: hooks kept on the model until flush
+        self._due_memo: tuple | None = None  # (step, due hooks)
         self.clean_labels = None if clean_labels is None else torch.as_tensor(clean_labels).long().reshape(-1)
         if heldout is not None:
             self.set_heldout(*heldout)
@@ -173,6 +224,12 @@ class HookRunner:
         """Names of the hooks that run at this step (step % every_n_steps == 0)."""
         return [n for n, r in self.hooks.items() if step % r.every_n_steps == 0]
 
+    def _due(self, step: int) -> tuple[str, ...]:
+        """:meth:`due` as a tuple, kept for the step (capture and run both ask)."""
+        if self._due_memo is None or self._due_memo[0] != step:
+            self._due_memo = (step, tuple(self.due(step)))
+        return self._due_memo[1]
+
     def capture(self, model: nn.Module, step: int) -> _Capture:
         """Context manager for the student forward of ``step``.
 
@@ -181,8 +238,14 @@ class HookRunner:
         whose outputs are passed on as identical copies) and removes them on exit.
         ``.captured`` holds name -> (input, output) after the block.
         """
+        due = self._due(step)
+        sticky = self._sticky
+        if sticky is not None and due in sticky.dues and sticky.model() is model:  # as at an earlier step
+            cap = _Armed(sticky)
+            self._capture = (step, cap)
+            return cap
         names, clone = [], False
-        for n in self.due(step):
+        for n in due:
             mods, c = self.hooks[n].hook.capture_modules(model)
             names += [m for m in mods if m not in names]
             clone = clone or c
@@ -191,9 +254,31 @@ class HookRunner:
             if self._modules is None or self._modules[0]() is not model:
                 self._modules = (weakref.ref(model), dict(model.named_modules()))
             modules = self._modules[1]
+        if names and not clone and self.defer and set(names) == set(self._every_step_modules(model)):
+            sticky = self._sticky
+            if sticky is None or sticky.model() is not model:
+                if sticky is not None:
+                    sticky.remove()
+                self._sticky = sticky = _Sticky(model, names, modules)
+            sticky.dues.add(due)
+            cap = _Armed(sticky)
+            self._capture = (step, cap)
+            return cap
         cap = _Capture(names, clone, model, modules)
         self._capture = (step, cap) if names else None
         return cap
+
+    def _every_step_modules(self, model: nn.Module) -> list[str]:
+        """Modules the hooks due at every step capture without copying outputs (kept hooked by a
+        deferred runner through an epoch)."""
+        if self._every_step is None or self._every_step[0]() is not model:
+            names = []
+            for r in self.hooks.values():
+                if r.every_n_steps == 1:
+                    mods, clone = r.hook.capture_modules(model)
+                    names += [] if clone else [m for m in mods if m not in names]
+            self._every_step = (weakref.ref(model), names)
+        return self._every_step[1]
 
     def _rows(self, name: str, r: Resolved, ctx: StepContext) -> Tensor | None:
         if r.samples == "all":
@@ -230,7 +315,7 @@ class HookRunner:
             logger.warning("HookRunner.after_step was not called after step %d; dropping %s",
                            self._post[0][1].step, [n for n, _ in self._post])
             self._post = []
-        due = self.due(ctx.step)
+        due = self._due(ctx.step)
         if not due:
             return {}
         if self._deferred_at not in (None, (ctx.gen, ctx.epoch)):
@@ -438,6 +523,9 @@ class HookRunner:
         return member
 
     def _drop_deferred(self) -> None:
+        if self._sticky is not None:  # the model is left without hooks of ours between epochs
+            self._sticky.remove()
+            self._sticky = None
         self._deferred, self._held, self._computed, self._deferred_at, self._step_bytes = {}, {}, {}, None, {}
 
     def _finish(self, r: Resolved, ctx: StepContext, cols: dict[str, Tensor]) -> dict[str, Tensor]:
