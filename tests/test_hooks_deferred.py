@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from ban_analysis.config import config_from_dict
-from ban_analysis.engine import chain as train_mod
 from ban_analysis.engine.chain import run_chain
 from ban_analysis.engine.runs import HookWriter
 from ban_analysis.instrument import hooks as hooks_mod
@@ -158,26 +157,7 @@ def test_run_chain_deferred_files_equal_the_per_step_files(tiny_root, tmp_path, 
     assert manifest["hooks"]["logit_split"]["deferred"] is True
 
 
-def _crash_at(monkeypatch, calls: int):
-    real = train_mod.get_objective
-    counter = {"n": 0}
-
-    def crashing(name, **params):
-        objective = real(name, **params)
-
-        class Crashing:
-            def __getattr__(self, attr):
-                return getattr(objective, attr)
-
-            def __call__(self, *args, **kwargs):
-                counter["n"] += 1
-                if counter["n"] == calls:
-                    raise KeyboardInterrupt("simulated kill")
-                return objective(*args, **kwargs)
-
-        return Crashing()
-
-    monkeypatch.setattr(train_mod, "get_objective", crashing)
+from tests.test_train import _crash_at  # noqa: E402  the same simulated kill as the resume tests
 
 
 def test_resume_after_a_crash_mid_epoch_gives_the_same_files(tiny_root, tmp_path, monkeypatch):
