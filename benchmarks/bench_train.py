@@ -38,7 +38,7 @@ from ban_analysis.config import TrainConfig
 from ban_analysis.data import load_dataset
 from ban_analysis.losses import get_objective
 from ban_analysis.engine.chain import freeze
-from ban_analysis.engine.loop import build_model, eval_batch_size, train_generation
+from ban_analysis.engine.loop import build_model, train_generation
 
 SETTINGS = {
     # name: (dataset, train_subset, arch, params, augment)
@@ -316,6 +316,8 @@ def main() -> None:
                   f"{n / hooked:,.0f} | {100 * (hooked / ban - 1):+.0f}% | {ban / args.epochs:.1f} | "
                   f"{ban_eval / args.epochs:.1f} |")
         print()
+    if sections & {"eval", "generation"}:
+        from ban_analysis.engine.loop import eval_batch_size  # (the paired section also runs on older code)
     if "eval" in sections:
         print(f"predict() img/s by eval batch size (median of {args.eval_reps}, sizes interleaved), "
               f"{args.threads} threads")

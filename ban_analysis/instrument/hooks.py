@@ -213,7 +213,8 @@ class HeadSplit(Hook):
         logit_grad = _plain(ctx.out.logit_grad)
         with torch.no_grad():
             f = ctx.captured[head][0]
-            f = f.to(torch.promote_types(f.dtype, logit_grad.dtype))
+            dtype = torch.promote_types(f.dtype, logit_grad.dtype)
+            f = f if f.dtype == dtype else f.to(dtype)
             raw = {"feature_norm": torch.linalg.vector_norm(f, dim=1), "target": ctx.target,
                    "logit_grad": logit_grad}
         if ctx.teacher_logits is not None and self.opts["anchor"] != "label":
