@@ -3,8 +3,9 @@
 It turns the run config's ``[hooks.<name>]`` tables into due hooks per step, registers forward
 hooks only on steps where a due hook needs activations, picks the samples each hook reports,
 runs the pre-backward, post-backward (fused) and post-step phases, and adds the sample index
-and, with label noise, the clean-label columns to per-sample rows. Split from ``hooks.py``
-(the hook classes) to keep both files short.
+and, with label noise, the clean-label columns to per-sample rows. The hook classes are in
+``hooks.py``, the forward-hook captures in ``capture.py``, the deferred hooks' buffer in
+``deferred.py``.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import logging
 import weakref
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ban_analysis.instrument import param_grads as pg
-from ban_analysis.instrument.contrib import _Captured
 from ban_analysis.instrument.base import HOOKS, StepContext
+from ban_analysis.instrument.capture import ArmedCapture, StepCapture, StickyHooks
+from ban_analysis.instrument.deferred import DeferredRows, member_rows, noise_columns
 from ban_analysis.instrument.hook_config import Resolved, check_int, heldout_subset, resolve, seed_of
 
 logger = logging.getLogger("ban_analysis.instrument.hooks")  # the name users filter on
@@ -30,84 +30,6 @@ __all__ = ["HookRunner"]
 
 def _sel(x: Tensor, rows: Tensor | None) -> Tensor:
     return x if rows is None else x[rows]
-
-
-class _Capture:
-    """Context manager around the student forward; ``.captured`` is filled inside it."""
-
-    def __init__(self, names: list[str], clone: bool, model: nn.Module, modules: dict | None = None) -> None:
-        self.captured: dict[str, tuple[Tensor, Tensor]] = {}
-        self._names, self._clone, self._model, self._cm, self._modules = names, clone, model, None, modules
-
-    def __enter__(self) -> "_Capture":
-        if self._names:
-            self._cm = pg.capture_activations(self._model, self._names, clone_outputs=self._clone,
-                                              modules=self._modules)
-            self.captured = self._cm.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._cm is not None:
-            self._cm.__exit__(*exc)
-            self._cm = None
-
-
-class _Sticky:
-    """Forward hooks a deferred runner keeps registered through an epoch (removed by ``flush``): a step
-    that needs just these modules, outputs not copied (``head_split``'s head input), arms them
-    instead of registering and removing hooks again, which is most of a capture's cost."""
-
-    def __init__(self, model: nn.Module, names: list[str], modules: dict) -> None:
-        self.model, self.names = weakref.ref(model), names
-        self.dues: set[tuple[str, ...]] = set()  # the sets of due hooks this capture serves
-        self.captured: _Captured | None = None  # the armed step's record; None: the hooks do nothing
-        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
-
-    def _hook(self, name: str):
-        def hook(module, args, output):  # as capture_activations' hook, with clone_outputs=False
-            captured = self.captured
-            if captured is None:
-                return None
-            if name in captured:
-                raise ValueError(f"module {name!r} was called twice in one forward; "
-                                 "per-sample contributions need one call per module")
-            if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
-                captured[name] = (args[0], output)
-                captured.versions[name] = output._version
-            return None
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-class _Armed:
-    """The capture of a step served by a :class:`_Sticky`: arms its hooks inside the block."""
-
-    def __init__(self, sticky: _Sticky) -> None:
-        self._sticky, self.captured = sticky, {}
-
-    def __enter__(self) -> "_Armed":
-        self.captured = self._sticky.captured = _Captured()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._sticky.captured = None
-
-
-@dataclasses.dataclass
-class _Waiting:
-    """One step of a deferred hook, kept until compute time."""
-
-    step: int
-    raw: dict          # gather()'s tensors, by reference
-    keep: dict         # the runner's: sample_index (and with label noise target, student_logits)
-    rows: Tensor | None  # rows drawn at the step (sample_from "batch"); None: selected at compute time
-    versions: tuple    # version counters of the batch's labels and ids at the step
-    n: int             # rows of the step's batch
-    ctx_target: Tensor  # the batch's labels (for the version check)
 
 
 class HookRunner:
@@ -178,7 +100,7 @@ class HookRunner:
         unknown = sorted(set(hook_cfgs) - set(HOOKS))
         if unknown:
             raise ValueError(f"unknown hook(s) {unknown}; valid hooks: {', '.join(HOOKS)}")
-        self._capture: tuple[int, _Capture] | None = None
+        self._capture: tuple[int, StepCapture | ArmedCapture] | None = None
         self.fuse_backward = bool(fuse_backward)
         for r in self.hooks.values():
             r.hook.fused = self.fuse_backward and r.hook.can_fuse()
@@ -188,17 +110,11 @@ class HookRunner:
         self.defer_bytes = check_int("defer_bytes", defer_bytes, 1)
         for r in self.hooks.values():
             r.hook.deferred = self.defer and r.hook.deferrable
-        # deferred hooks, per hook: the waiting steps, the bytes they hold, and the columns computed
-        # so far; all of one (gen, epoch) (``_deferred_at``)
-        self._deferred: dict[str, list[_Waiting]] = {}
-        self._step_bytes: dict[str, int] = {}  # bytes one step holds, per hook (counted at its first step)
-        self._held: dict[str, int] = {}
-        self._computed: dict[str, list[dict[str, Tensor]]] = {}
-        self._deferred_at: tuple[int, int] | None = None
-        self._member: dict[str, Tensor] = {}  # hook -> bool mask over sample ids of its fixed subset (CPU)
+        self._deferred = DeferredRows(self.hooks, self.defer_bytes, self._member_mask, self._clean_labels_on)
+        self._member: dict[tuple, Tensor] = {}  # (hook, device type) -> bool mask over its fixed subset's ids
         self._modules: tuple | None = None  # (weakref to the model, its named_modules dict) for capture
         self._every_step: tuple | None = None  # (weakref to the model, _every_step_modules)
-        self._sticky: _Sticky | None = None  # defer: hooks kept on the model until flush
+        self._sticky: StickyHooks | None = None  # defer: hooks kept on the model until flush
         self._due_memo: tuple | None = None  # (step, due hooks)
         self.clean_labels = None if clean_labels is None else torch.as_tensor(clean_labels).long().reshape(-1)
         if heldout is not None:
@@ -230,7 +146,7 @@ class HookRunner:
             self._due_memo = (step, tuple(self.due(step)))
         return self._due_memo[1]
 
-    def capture(self, model: nn.Module, step: int) -> _Capture:
+    def capture(self, model: nn.Module, step: int) -> StepCapture | ArmedCapture:
         """Context manager for the student forward of ``step``.
 
         Registers forward hooks only for modules a due hook needs (head input for
@@ -241,7 +157,7 @@ class HookRunner:
         due = self._due(step)
         sticky = self._sticky
         if sticky is not None and due in sticky.dues and sticky.model() is model:  # as at an earlier step
-            cap = _Armed(sticky)
+            cap = ArmedCapture(sticky)
             self._capture = (step, cap)
             return cap
         names, clone = [], False
@@ -259,12 +175,12 @@ class HookRunner:
             if sticky is None or sticky.model() is not model:
                 if sticky is not None:
                     sticky.remove()
-                self._sticky = sticky = _Sticky(model, names, modules)
+                self._sticky = sticky = StickyHooks(model, names, modules)
             sticky.dues.add(due)
-            cap = _Armed(sticky)
+            cap = ArmedCapture(sticky)
             self._capture = (step, cap)
             return cap
-        cap = _Capture(names, clone, model, modules)
+        cap = StepCapture(names, clone, model, modules)
         self._capture = (step, cap) if names else None
         return cap
 
@@ -285,20 +201,7 @@ class HookRunner:
             return None
         device = ctx.sample_index.device
         if r.sample_from == "train":
-            if device.type == "cpu":  # a lookup in a membership mask: torch.isin sorts, ~40x slower on CPU
-                member = self._member_mask(name, r).numpy()  # numpy: a quarter of torch's per-op cost here
-                index = ctx.sample_index.numpy()
-                try:
-                    return torch.from_numpy(np.flatnonzero(member[index]))
-                except IndexError:  # ids past the subset's largest: grow the mask once
-                    grown = torch.zeros(int(index.max()) + 1, dtype=torch.bool)
-                    grown[:member.shape[0]] = torch.from_numpy(member)
-                    self._member[name] = grown
-                    return torch.from_numpy(np.flatnonzero(grown.numpy()[index]))
-            if r.subset.device != device:  # moved once per device, not every step
-                self.hooks[name] = r = dataclasses.replace(r, subset=r.subset.to(device))
-            mask = torch.isin(ctx.sample_index, r.subset)
-            return mask.nonzero().squeeze(1)
+            return member_rows(self._member_mask(name, ctx.sample_index.device), ctx.sample_index)
         batch = ctx.sample_index.shape[0]
         if r.samples >= batch:
             return None
@@ -318,9 +221,9 @@ class HookRunner:
         due = self._due(ctx.step)
         if not due:
             return {}
-        if self._deferred_at not in (None, (ctx.gen, ctx.epoch)):
+        if self._deferred.at not in (None, (ctx.gen, ctx.epoch)):
             logger.warning("HookRunner.flush was not called at the end of gen %d epoch %d; dropping the "
-                           "deferred rows of %s", *self._deferred_at, sorted(set(self._deferred) | set(self._computed)))
+                           "deferred rows of %s", *self._deferred.at, self._deferred.names())
             self._drop_deferred()
         captured = ctx.captured
         if not captured and self._capture is not None and self._capture[0] == ctx.step:
@@ -398,135 +301,36 @@ class HookRunner:
         at the end of every epoch, before the epoch's hook files are written (``train_generation``
         does); rows left from an earlier epoch when the next one starts are dropped with a warning.
         """
-        self._compute_deferred()
-        out = {}
-        for name, chunks in self._computed.items():
-            out[name] = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+        out = self._deferred.columns()
         self._drop_deferred()
         return out
 
     def _defer(self, name: str, r: Resolved, ctx: StepContext) -> None:
-        """Keep a deferred hook's tensors of this step until compute time (references: no copy)."""
+        """Hand this step of a deferred hook to the buffer; rows drawn per step are drawn now."""
         rows = None  # "all" and fixed subsets are selected at compute time, over many steps at once
         if r.samples != "all" and r.sample_from != "train":
             rows = self._rows(name, r, ctx)  # drawn from (seed, hook, gen, step) now
             if rows is not None and rows.numel() == 0:
                 return
-        raw = r.hook.gather(ctx)
-        keep = {"sample_index": ctx.sample_index}
-        if self.clean_labels is not None:  # clean_target, label_noisy, student_argmax at compute time
-            keep.update(target=ctx.target, student_logits=ctx.student_logits.detach())
-        held = self._step_bytes.get(name)
-        if held is None:  # the same tensors every step of an epoch: counted once
-            held = self._step_bytes[name] = sum(t.numel() * t.element_size() for t in (*raw.values(), *keep.values()))
-        # the batch's labels and ids are what a data loader of one's own might refill in place (the
-        # logits and logit gradient are new tensors of each step's forward and objective)
-        versions = (ctx.target._version, ctx.sample_index._version)
-        self._deferred.setdefault(name, []).append(_Waiting(ctx.step, raw, keep, rows, versions,
-                                                            ctx.sample_index.shape[0], ctx.target))
-        self._deferred_at = (ctx.gen, ctx.epoch)
-        self._held[name] = self._held.get(name, 0) + held
-        if self._held[name] >= self.defer_bytes:
-            self._compute_deferred(name)
+        self._deferred.add(name, ctx, rows)
 
-    def _compute_deferred(self, only: str | None = None) -> None:
-        """Columns of the waiting steps (of hook ``only``, or all): the reported rows selected and the
-        statistics computed in one ``compute`` call per run of steps with the same keys; the
-        step tensors are then released."""
-        cats: dict = {}  # tensors several hooks keep (labels, logit gradient, ids): concatenated once
-        for name in [only] if only is not None else list(self._deferred):
-            waiting = self._deferred.pop(name, [])
-            self._held.pop(name, None)
-            first = 0
-            while first < len(waiting):
-                keys = waiting[first].raw.keys()
-                last = first + 1
-                while last < len(waiting) and waiting[last].raw.keys() == keys:
-                    last += 1
-                chunk = self._compute_group(name, waiting[first:last], cats)
-                if chunk is not None:
-                    self._computed.setdefault(name, []).append(chunk)
-                first = last
-
-    def _compute_group(self, name: str, group: list["_Waiting"], cats: dict) -> dict[str, Tensor] | None:
-        r = self.hooks[name]
-        for e in group:
-            if (e.ctx_target._version, e.keep["sample_index"]._version) != e.versions:
-                raise RuntimeError(f"hook {name!r} (deferred): the labels or ids of step {e.step} were changed "
-                                   "in place after the step; pass new tensors each step, or HookRunner(defer=False)")
-        def cat(tensors: list[Tensor]) -> Tensor:
-            key = tuple(map(id, tensors))  # the tensors are alive (kept by the group): ids are unique
-            if key not in cats:
-                cats[key] = torch.cat(tensors)
-            return cats[key]
-
-        index = cat([e.keep["sample_index"] for e in group])  # (N,) every batch row of the group
-        device = index.device
-        sizes = torch.tensor([e.n for e in group], device=device)
-        pos = self._selected(name, r, group, index)  # None: every row
-        if pos is not None and pos.numel() == 0:
-            return None
-
-        def pick(t: Tensor) -> Tensor:
-            return t if pos is None else t.index_select(0, pos)
-
-        raw = {k: pick(cat([e.raw[k] for e in group])) for k in group[0].raw}
-        raw["batch_size"] = pick(sizes.float().repeat_interleave(sizes))
-        cols = r.hook.compute(raw)
-        steps = torch.tensor([e.step for e in group], dtype=torch.int64, device=device).repeat_interleave(sizes)
-        out = {"step": pick(steps), "sample_index": pick(index), **cols}
-        if self.clean_labels is not None:
-            if self.clean_labels.device != device:  # moved once per device
-                self.clean_labels = self.clean_labels.to(device)
-            clean = self.clean_labels[out["sample_index"]]
-            target = pick(cat([e.keep["target"] for e in group]))
-            logits = pick(torch.cat([e.keep["student_logits"] for e in group]))
-            out.update(clean_target=clean, label_noisy=target != clean, student_argmax=logits.argmax(1))
-        return {k: v.detach().cpu() for k, v in out.items()}
-
-    def _selected(self, name: str, r: Resolved, group: list["_Waiting"], index: Tensor) -> Tensor | None:
-        """Positions in the group's concatenated batches of the rows hook ``name`` reports (None = all)."""
-        if r.samples == "all":
-            return None
-        if r.sample_from == "train":
-            member = self._member_mask(name, r)
-            if index.device.type == "cpu":  # numpy: a few times faster on CPU at this size
-                ids, mask = index.numpy(), member.numpy()
-                inside = ids < mask.shape[0]
-                keep = np.zeros(ids.shape[0], dtype=bool)
-                keep[inside] = mask[ids[inside]]
-                return torch.from_numpy(np.flatnonzero(keep))
-            member = member.to(index.device)
-            inside = index < member.numel()
-            keep = torch.zeros_like(inside)
-            keep[inside] = member[index[inside]]
-            return keep.nonzero().squeeze(1)
-        # rows drawn at each step: shifted to the group's rows
-        rows_list, offsets, counts, offset = [], [], [], 0
-        for e in group:
-            rows = torch.arange(e.n, device=index.device) if e.rows is None else e.rows
-            rows_list.append(rows)
-            offsets.append(offset)
-            counts.append(rows.shape[0])
-            offset += e.n
-        shift = torch.tensor(offsets, device=index.device).repeat_interleave(torch.tensor(counts, device=index.device))
-        return torch.cat(rows_list) + shift
-
-    def _member_mask(self, name: str, r: Resolved) -> Tensor:
-        """(max subset id + 1,) bool on the CPU: True at the ids of hook ``name``'s fixed subset."""
-        member = self._member.get(name)
+    def _member_mask(self, name: str, device: torch.device | str = "cpu") -> Tensor:
+        """(max subset id + 1,) bool on ``device`` (made once per device): True at the ids of hook
+        ``name``'s fixed subset."""
+        key = (name, torch.device(device).type)
+        member = self._member.get(key)
         if member is None:
-            subset = r.subset.cpu()
+            subset = self.hooks[name].subset.cpu()
             member = torch.zeros(int(subset.max()) + 1 if subset.numel() else 0, dtype=torch.bool)
             member[subset] = True
-            self._member[name] = member
+            self._member[key] = member = member.to(device)
         return member
 
     def _drop_deferred(self) -> None:
         if self._sticky is not None:  # the model is left without hooks of ours between epochs
             self._sticky.remove()
             self._sticky = None
-        self._deferred, self._held, self._computed, self._deferred_at, self._step_bytes = {}, {}, {}, None, {}
+        self._deferred.drop()
 
     def _finish(self, r: Resolved, ctx: StepContext, cols: dict[str, Tensor]) -> dict[str, Tensor]:
         if r.hook.per_sample:
@@ -536,13 +340,15 @@ class HookRunner:
         return {k: v.detach() for k, v in cols.items()}
 
     def _noise_columns(self, ctx: StepContext) -> dict[str, Tensor]:
-        """``clean_target``, ``label_noisy`` and ``student_argmax`` of the reported rows (clean-label lookup)."""
-        if self.clean_labels.device != ctx.sample_index.device:  # moved once per device
-            self.clean_labels = self.clean_labels.to(ctx.sample_index.device)
-        clean = self.clean_labels[_sel(ctx.sample_index, ctx.rows)]
-        # student_argmax: whether the student predicts the clean or the noisy label, per sample
-        return {"clean_target": clean, "label_noisy": _sel(ctx.target, ctx.rows) != clean,
-                "student_argmax": _sel(ctx.student_logits.detach().argmax(1), ctx.rows)}
+        """``clean_target``, ``label_noisy`` and ``student_argmax`` of the reported rows."""
+        return noise_columns(self._clean_labels_on(ctx.sample_index.device), _sel(ctx.sample_index, ctx.rows),
+                             _sel(ctx.target, ctx.rows), _sel(ctx.student_logits, ctx.rows))
+
+    def _clean_labels_on(self, device: torch.device) -> Tensor | None:
+        """The clean labels by sample id on ``device`` (moved once per device), or None without noise."""
+        if self.clean_labels is not None and self.clean_labels.device != device:
+            self.clean_labels = self.clean_labels.to(device)
+        return self.clean_labels
 
     def _drop_pending(self) -> None:
         for _, hctx in self._pending:
