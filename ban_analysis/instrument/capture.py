@@ -1,5 +1,8 @@
 """Forward hooks around the student forward: what the due hooks need of the activations.
 
+:func:`capture_activations` records the (input, output) of named modules inside a block (moved
+here from ``contrib.py``; ``param_grads`` re-exports it).
+
 :class:`StepCapture` registers hooks for one step and removes them on exit; a deferred runner
 keeps the hooks of the modules captured at every step without copies registered through an
 epoch (:class:`StickyHooks`), and a step it serves only arms them (:class:`ArmedCapture`), which
@@ -9,13 +12,88 @@ saves most of a capture's cost. Split from ``runner.py`` (the scheduling).
 from __future__ import annotations
 
 import weakref
+from typing import Mapping, Sequence
 
 from torch import Tensor, nn
 
-from ban_analysis.instrument import param_grads as pg
-from ban_analysis.instrument.contrib import _Captured
+__all__ = ["ArmedCapture", "StepCapture", "StickyHooks", "capture_activations"]
 
-__all__ = ["ArmedCapture", "StepCapture", "StickyHooks"]
+
+class _Captured(dict):
+    """name -> (input, output); ``versions`` keeps each output's version at capture time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.versions: dict[str, int] = {}
+
+
+def _record(captured: _Captured, name: str, args: tuple, output) -> bool:
+    """Put a forward hook's (input, output) into ``captured``; False for a non-tensor call."""
+    if name in captured:
+        raise ValueError(f"module {name!r} was called twice in one forward; "
+                         "per-sample contributions need one call per module")
+    if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+        return False
+    captured[name] = (args[0], output)
+    # The version counter tells an in-place change after capture (clone_outputs=False).
+    captured.versions[name] = output._version
+    return True
+
+
+def capture_activations(
+    model: nn.Module, names: Sequence[str], clone_outputs: bool = True,
+    modules: Mapping[str, nn.Module] | None = None,
+) -> "_ActivationCapture":
+    """Record (input, output) of the named modules during the forward run inside the block.
+
+    With ``clone_outputs`` the forward hook hands the rest of the network a copy of the
+    output and keeps the original: an in-place op downstream (``ReLU(inplace=True)``) would
+    otherwise rewrite the captured tensor and its autograd history. The copy has the same
+    values and an identity backward, so the forward and every gradient stay bit-identical.
+    ``modules``: ``dict(model.named_modules())`` if the caller keeps it (the runner does, per
+    model: the walk is a fixed cost of every captured step).
+
+    Yields:
+        dict name -> (input, output), filled by the forward; a module called more than once
+        raises ValueError at the second call (weight sharing is not supported).
+    """
+    mods = dict(model.named_modules()) if modules is None else modules
+    missing = [n for n in names if n not in mods]
+    if missing:
+        raise ValueError(f"no module named {missing[:4]} in the model")
+    return _ActivationCapture([(n, mods[n]) for n in names], clone_outputs)
+
+
+class _ActivationCapture:
+    """The context manager :func:`capture_activations` returns (a class, not a generator: it is
+    entered at every captured training step)."""
+
+    def __init__(self, modules: list[tuple[str, nn.Module]], clone_outputs: bool) -> None:
+        self._modules, self._clone = modules, clone_outputs
+        self.captured = _Captured()
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        captured, clone = self.captured, self._clone
+
+        def hook(module, args, output):
+            recorded = _record(captured, name, args, output)
+            return output.clone() if clone and recorded else None
+        return hook
+
+    def __enter__(self) -> "_Captured":
+        try:
+            for name, module in self._modules:
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.captured
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 class StepCapture:
@@ -27,7 +105,7 @@ class StepCapture:
 
     def __enter__(self) -> "StepCapture":
         if self._names:
-            self._cm = pg.capture_activations(self._model, self._names, clone_outputs=self._clone,
+            self._cm = capture_activations(self._model, self._names, clone_outputs=self._clone,
                                               modules=self._modules)
             self.captured = self._cm.__enter__()
         return self
@@ -51,15 +129,8 @@ class StickyHooks:
 
     def _hook(self, name: str):
         def hook(module, args, output):  # as capture_activations' hook, with clone_outputs=False
-            captured = self.captured
-            if captured is None:
-                return None
-            if name in captured:
-                raise ValueError(f"module {name!r} was called twice in one forward; "
-                                 "per-sample contributions need one call per module")
-            if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
-                captured[name] = (args[0], output)
-                captured.versions[name] = output._version
+            if self.captured is not None:  # armed
+                _record(self.captured, name, args, output)
             return None
         return hook
 

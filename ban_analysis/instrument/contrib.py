@@ -21,7 +21,7 @@ whole per-sample gradient never exists at once.
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,77 +88,6 @@ def coverage(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, 
     covered = sum(p.numel() for n in names for p in _module_params(mods[n]))
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"covered_params": covered, "total_params": total}
-
-
-class _Captured(dict):
-    """name -> (input, output); ``versions`` keeps each output's version at capture time."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.versions: dict[str, int] = {}
-
-
-def capture_activations(
-    model: nn.Module, names: Sequence[str], clone_outputs: bool = True,
-    modules: Mapping[str, nn.Module] | None = None,
-) -> "_ActivationCapture":
-    """Record (input, output) of the named modules during the forward run inside the block.
-
-    With ``clone_outputs`` the forward hook hands the rest of the network a copy of the
-    output and keeps the original: an in-place op downstream (``ReLU(inplace=True)``) would
-    otherwise rewrite the captured tensor and its autograd history. The copy has the same
-    values and an identity backward, so the forward and every gradient stay bit-identical.
-    ``modules``: ``dict(model.named_modules())`` if the caller keeps it (the runner does, per
-    model: the walk is a fixed cost of every captured step).
-
-    Yields:
-        dict name -> (input, output), filled by the forward; a module called more than once
-        raises ValueError at the second call (weight sharing is not supported).
-    """
-    mods = dict(model.named_modules()) if modules is None else modules
-    missing = [n for n in names if n not in mods]
-    if missing:
-        raise ValueError(f"no module named {missing[:4]} in the model")
-    return _ActivationCapture([(n, mods[n]) for n in names], clone_outputs)
-
-
-class _ActivationCapture:
-    """The context manager :func:`capture_activations` returns (a class, not a generator: it is
-    entered at every captured training step)."""
-
-    def __init__(self, modules: list[tuple[str, nn.Module]], clone_outputs: bool) -> None:
-        self._modules, self._clone = modules, clone_outputs
-        self.captured = _Captured()
-        self._handles: list = []
-
-    def _hook(self, name: str):
-        captured, clone = self.captured, self._clone
-
-        def hook(module, args, output):
-            if name in captured:
-                raise ValueError(f"module {name!r} was called twice in one forward; "
-                                 "per-sample contributions need one call per module")
-            if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
-                return None
-            captured[name] = (args[0], output)
-            # The version counter tells an in-place change after capture (clone_outputs=False).
-            captured.versions[name] = output._version
-            return output.clone() if clone else None
-        return hook
-
-    def __enter__(self) -> "_Captured":
-        try:
-            for name, module in self._modules:
-                self._handles.append(module.register_forward_hook(self._hook(name)))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self.captured
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 def _normalised(m: nn.Module, x: Tensor) -> Tensor:

@@ -32,10 +32,10 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ban_analysis.instrument.capture import capture_activations
 from ban_analysis.instrument.contrib import (
     DotAccumulator,
     FusedContribution,
-    capture_activations,
     contribution_pieces,
     contribution_stats,
     coverage,
