@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from ban_analysis.config import RunConfig
 from ban_analysis.data import DatasetBundle
 from ban_analysis.engine.loop import build_model, eval_batch_size, predict, train_generation
 from ban_analysis.engine.runs import RunDir
+from ban_analysis.engine.summary import summarize  # noqa: F401  (re-exported: the chain writes it)
 from ban_analysis.losses import get_objective
 from ban_analysis.models import create_model
 
@@ -201,7 +201,7 @@ def _run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen
     """
     from ban_analysis.data import load_dataset
     from ban_analysis.engine import distributed
-    from ban_analysis.engine.runs import atomic_save_npy, now, sha256_file
+    from ban_analysis.engine.runs import now
 
     # under torchrun, rank 0 alone writes the folder (engine/distributed.py)
     run = distributed.run_dir_for(out_dir, distributed.env_world())
@@ -217,6 +217,45 @@ def _run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen
     bundle = load_dataset(d.name, root=d.root or None, val_size=d.val_size, val_seed=d.val_seed,
                           train_subset=d.train_subset, image_size=d.image_size or None,
                           cache_dir=d.cache_dir or None, device=torch_device)
+    bundle, clean_by_id = _prepare_folder(cfg, run, bundle, world, torch_device)
+    hook_runner = _hook_runner(cfg, bundle, world, torch_device, clean_by_id)
+    teacher = None
+    for gen in range(last_gen + 1):
+        distributed.barrier(world)  # rank 0 has written the previous generation's files
+        arch, params = arch_for_gen(cfg, gen)
+        state = _completed_state(run, gen)
+        if state is not None:
+            teacher = freeze(_load_model(state, bundle, torch_device))
+            continue
+        if gen == 0 and cfg.teacher.checkpoint:
+            teacher = freeze(_import_teacher(cfg, run, bundle, torch_device))
+            eval_bs = eval_batch_size(cfg.train, torch_device)
+            run.save_logits(0, "val", predict(teacher, bundle.val, bundle, eval_bs))
+            run.save_logits(0, "test", predict(teacher, bundle.test, bundle, eval_bs))
+            continue
+        model = _train_gen(cfg, run, gen, arch, params, bundle, teacher, hook_runner, clean_by_id, world,
+                           torch_device, progress)
+        teacher = freeze(model)
+    if hook_runner is not None:
+        run.update_manifest(hooks=hook_runner.info())
+    if last_gen < cfg.ban.generations:
+        return None
+    distributed.barrier(world)  # rank 0 has written every generation's files
+    if world.is_main:
+        summary = summarize(run, cfg)
+        run.write_summary(summary)
+        run.update_manifest(finished=now())
+    distributed.barrier(world)  # and the summary
+    return summary if world.is_main else run.summary()
+
+
+def _prepare_folder(cfg: RunConfig, run: RunDir, bundle: DatasetBundle, world, torch_device):
+    """Label noise applied, the folder bound to the config, the manifest started, the targets and the
+    noise record written; returns the bundle and the clean labels by sample id (None without noise)."""
+    from ban_analysis.engine import distributed
+    from ban_analysis.engine.runs import atomic_save_npy
+
+    d = cfg.data
     noise = None
     if d.label_noise.rate > 0:  # rate 0: not a single random number drawn, the bundle untouched
         bundle, noise = _noisy_labels(cfg, bundle)
@@ -236,178 +275,55 @@ def _run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen
         run.update_manifest(label_noise=noise.info)
         clean_by_id = torch.full((int(bundle.train.index.max()) + 1,), -1, dtype=torch.long, device=torch_device)
         clean_by_id[bundle.train.index] = torch.from_numpy(noise.clean).to(torch_device)
-    hook_runner = None
-    if cfg.hooks:
-        from ban_analysis.instrument.hooks import HookRunner
+    return bundle, clean_by_id
 
-        # fuse_backward: update_share and param_split reuse the trainer's own backward pass
-        # (about one backward pass less per call; benchmarks/README.md, Hooks). Not under
-        # torchrun: there .grad after the backward is the all-reduced gradient of every rank,
-        # while the hooks measure this rank's shard.
-        # defer: logit_split and head_split gather their rows per step and compute their columns at
-        # each epoch's end (train_generation flushes the runner before writing the epoch's files);
-        # not under torchrun, whose writer orders the ranks' rows by each block's first step.
-        hook_runner = HookRunner(cfg.hooks, seed=cfg.seed, train_size=len(bundle.train.index),
-                                 train_index=bundle.train.index, fuse_backward=not world.enabled,
-                                 clean_labels=clean_by_id, defer=not world.enabled)
-        if hook_runner.heldout_hooks():  # heldout_attribution: its fixed rows of the validation split
-            hook_runner.set_heldout(*_normalised_split(bundle.val, bundle, eval_batch_size(cfg.train, torch_device)))
 
-    teacher = None
-    for gen in range(last_gen + 1):
-        distributed.barrier(world)  # rank 0 has written the previous generation's files
-        arch, params = arch_for_gen(cfg, gen)
-        state = _completed_state(run, gen)
-        if state is not None:
-            teacher = freeze(_load_model(state, bundle, torch_device))
-            continue
-        if gen == 0 and cfg.teacher.checkpoint:
-            teacher = freeze(_import_teacher(cfg, run, bundle, torch_device))
-            eval_bs = eval_batch_size(cfg.train, torch_device)
-            run.save_logits(0, "val", predict(teacher, bundle.val, bundle, eval_bs))
-            run.save_logits(0, "test", predict(teacher, bundle.test, bundle, eval_bs))
-            continue
-        objective = objective_for_gen(cfg, gen)
-        parent_sha = sha256_file(run.checkpoint_path(gen - 1)) if gen > 0 and world.is_main else None
-        run.update_manifest(generations={str(gen): {"arch": arch, "objective": objective.name,
-                                                    "parent_sha256": parent_sha, "started": now()}})
-        model = build_model(arch, params, bundle, cfg.seed, gen).to(torch_device)
-        logger.info("gen %d: %s (%d parameters), objective %s", gen, arch,
-                    sum(p.numel() for p in model.parameters()), objective.name)
-        result = train_generation(model, objective, bundle, cfg.train, gen=gen, seed=cfg.seed,
-                                  teacher=teacher if objective.needs_teacher else None, run=run,
-                                  hooks=hook_runner, augment=cfg.data.augment, pad=cfg.data.pad,
-                                  progress=progress and world.is_main, arch_info=state_for_arch(arch, params),
-                                  clean_targets=clean_by_id, tensorboard=cfg.log.tensorboard)
-        if result.best is not None and world.is_main:  # before test_logits.npy, which marks the gen complete
-            run.save_logits(gen, "val", result.best["val_logits"], best=True)
-            run.save_logits(gen, "test", result.best["test_logits"], best=True)
-        run.save_logits(gen, "val", result.val_logits)
-        run.save_logits(gen, "test", result.test_logits)
-        if world.is_main:
-            run.update_manifest(generations={str(gen): {
-                "arch": arch, "objective": objective.name, "parent_sha256": parent_sha,
-                "checkpoint_sha256": sha256_file(run.checkpoint_path(gen)), "finished": now(),
-                "best_epoch": result.best["epoch"] if result.best is not None else None}})
-        teacher = freeze(model)
-    if hook_runner is not None:
-        run.update_manifest(hooks=hook_runner.info())
-    if last_gen < cfg.ban.generations:
+def _hook_runner(cfg: RunConfig, bundle: DatasetBundle, world, torch_device, clean_by_id):
+    """The run's HookRunner (None without hooks), with the held-out rows its hooks need."""
+    if not cfg.hooks:
         return None
-    if not world.enabled:
-        summary = summarize(run, cfg)
-        run.write_summary(summary)
-        run.update_manifest(finished=now())
-        return summary
-    distributed.barrier(world)  # rank 0 has written every generation's files
+    from ban_analysis.instrument.hooks import HookRunner
+
+    # fuse_backward: update_share and param_split reuse the trainer's own backward pass
+    # (about one backward pass less per call; benchmarks/README.md, Hooks). Not under
+    # torchrun: there .grad after the backward is the all-reduced gradient of every rank,
+    # while the hooks measure this rank's shard.
+    # defer: logit_split and head_split gather their rows per step and compute their columns at
+    # each epoch's end (train_generation flushes the runner before writing the epoch's files);
+    # not under torchrun, whose writer orders the ranks' rows by each block's first step.
+    hook_runner = HookRunner(cfg.hooks, seed=cfg.seed, train_size=len(bundle.train.index),
+                             train_index=bundle.train.index, fuse_backward=not world.enabled,
+                             clean_labels=clean_by_id, defer=not world.enabled)
+    if hook_runner.heldout_hooks():  # heldout_attribution: its fixed rows of the validation split
+        hook_runner.set_heldout(*_normalised_split(bundle.val, bundle, eval_batch_size(cfg.train, torch_device)))
+    return hook_runner
+
+
+def _train_gen(cfg: RunConfig, run: RunDir, gen: int, arch: str, params: dict, bundle: DatasetBundle, teacher,
+               hook_runner, clean_by_id, world, torch_device, progress: bool) -> nn.Module:
+    """Train generation ``gen`` into the folder (manifest before and after, logits); returns the model."""
+    from ban_analysis.engine.runs import now, sha256_file
+
+    objective = objective_for_gen(cfg, gen)
+    parent_sha = sha256_file(run.checkpoint_path(gen - 1)) if gen > 0 and world.is_main else None
+    run.update_manifest(generations={str(gen): {"arch": arch, "objective": objective.name,
+                                                "parent_sha256": parent_sha, "started": now()}})
+    model = build_model(arch, params, bundle, cfg.seed, gen).to(torch_device)
+    logger.info("gen %d: %s (%d parameters), objective %s", gen, arch,
+                sum(p.numel() for p in model.parameters()), objective.name)
+    result = train_generation(model, objective, bundle, cfg.train, gen=gen, seed=cfg.seed,
+                              teacher=teacher if objective.needs_teacher else None, run=run,
+                              hooks=hook_runner, augment=cfg.data.augment, pad=cfg.data.pad,
+                              progress=progress and world.is_main, arch_info=state_for_arch(arch, params),
+                              clean_targets=clean_by_id, tensorboard=cfg.log.tensorboard)
+    if result.best is not None and world.is_main:  # before test_logits.npy, which marks the gen complete
+        run.save_logits(gen, "val", result.best["val_logits"], best=True)
+        run.save_logits(gen, "test", result.best["test_logits"], best=True)
+    run.save_logits(gen, "val", result.val_logits)
+    run.save_logits(gen, "test", result.test_logits)
     if world.is_main:
-        summary = summarize(run, cfg)
-        run.write_summary(summary)
-        run.update_manifest(finished=now())
-    distributed.barrier(world)  # and the summary
-    return summary if world.is_main else run.summary()
-
-
-def summarize(run: RunDir, cfg: RunConfig) -> dict:
-    """summary.json from the run folder's files: per-generation metrics and cumulative ensembles.
-
-    The plain keys (``val_acc``, ``test_acc``, ...) are the last epoch's model; ``best_*`` are the
-    best-validation epoch's (``train.track_best``), scored the same way, None without a record.
-    """
-    import numpy as np
-
-    from ban_analysis.engine.metrics import ensemble_metrics, logit_metrics
-
-    test_targets = np.load(run.layout.targets("test"))
-    val_targets = np.load(run.layout.targets("val"))
-    manifest_gens = run.manifest().get("generations", {})
-    generations, test_logits, best_logits, warnings = [], {}, {}, []
-    for gen in range(cfg.ban.generations + 1):
-        test_logits[gen] = _scored(run.load_logits(gen, "test"), test_targets, cfg.data.test_scoring)
-        warnings += _unpredicted_classes(test_logits[gen], test_targets, gen, cfg.data.test_scoring)
-        val_logits = run.load_logits(gen, "val")
-        # the arch is in the manifest; reading it there spares loading every checkpoint
-        arch = manifest_gens.get(str(gen), {}).get("arch") or run.load_checkpoint(gen)["arch"]
-        val_acc = float((val_logits.argmax(1) == val_targets).mean()) if len(val_targets) else None
-        m = logit_metrics(test_logits[gen], test_targets)
-        objective = "ce" if gen == 0 else cfg.ban.objective
-        best, best_logits[gen] = _best_of_gen(run, gen, manifest_gens.get(str(gen), {}), test_targets,
-                                              val_targets, cfg.data.test_scoring)
-        generations.append({"gen": gen, "objective": objective, "arch": arch,
-                            "val_acc": _finite_or_none(val_acc), "test_acc": m["acc"],
-                            "test_nll": m["nll"], "test_ece": m["ece"], **best})
-    ensembles = []
-    first_options = [1] + ([0] if cfg.ban.ensemble_with_teacher else [])
-    for first in first_options:
-        for last in range(2, cfg.ban.generations + 1):
-            members = list(range(first, last + 1))
-            m = ensemble_metrics([test_logits[g] for g in members], test_targets,
-                                 teacher_logits=test_logits[0])
-            row = {"members": members, "with_teacher": first == 0, "test_acc": m["acc"],
-                   "test_nll": m["nll"], "test_ece": m["ece"], "agreement_with_teacher": m["agreement"]}
-            best = dict.fromkeys(("best_test_acc", "best_test_nll", "best_test_ece", "best_agreement_with_teacher"))
-            if all(best_logits[g] is not None for g in members):  # the members' best epochs
-                b = ensemble_metrics([best_logits[g] for g in members], test_targets, teacher_logits=best_logits[0])
-                best.update(best_test_acc=b["acc"], best_test_nll=b["nll"], best_test_ece=b["ece"],
-                            best_agreement_with_teacher=b.get("agreement"))
-            ensembles.append({**row, **best})
-    out = {"generations": generations, "ensembles": ensembles}
-    if cfg.data.test_scoring != "all":
-        out["test_scoring"] = cfg.data.test_scoring
-    if warnings:
-        out["warnings"] = warnings
-    return out
-
-
-BEST_KEYS = ("best_epoch", "best_val_acc", "best_test_acc", "best_test_nll", "best_test_ece")
-
-
-def _best_of_gen(run: RunDir, gen: int, manifest_gen: dict, test_targets, val_targets, scoring: str):
-    """({best_* of one generation}, its scored best test logits) from best_*_logits.npy; Nones without them."""
-    from ban_analysis.engine.metrics import logit_metrics
-
-    if not run.layout.best_logits(gen, "test").exists():
-        return dict.fromkeys(BEST_KEYS), None
-    test = _scored(run.load_logits(gen, "test", best=True), test_targets, scoring)
-    val = run.load_logits(gen, "val", best=True)
-    epoch = manifest_gen.get("best_epoch")
-    if epoch is None:  # the manifest spares loading the checkpoint
-        epoch = (run.load_checkpoint(gen).get("best") or {}).get("epoch")
-    val_acc = float((val.argmax(1) == val_targets).mean()) if len(val_targets) else None
-    m = logit_metrics(test, test_targets)
-    return {"best_epoch": epoch, "best_val_acc": _finite_or_none(val_acc), "best_test_acc": m["acc"],
-            "best_test_nll": m["nll"], "best_test_ece": m["ece"]}, test
-
-
-def _scored(logits, target, scoring: str):
-    """Test logits as scored: with "present_classes", classes absent from the test split get -inf
-    (probability 0), so accuracy, NLL and ECE are those of a classifier over the present classes."""
-    import numpy as np
-
-    if scoring == "all":
-        return logits
-    absent = np.ones(logits.shape[1], dtype=bool)
-    absent[np.unique(target)] = False
-    logits = logits.astype(np.float64, copy=True)
-    logits[:, absent] = -np.inf
-    return logits
-
-
-def _unpredicted_classes(logits, target, gen: int, scoring: str) -> list[str]:
-    """A warning when some class of the test split is never predicted (a 0% accuracy is then not noise)."""
-    import numpy as np
-
-    present = np.unique(target)
-    never = np.setdiff1d(present, np.unique(logits.argmax(1)))
-    if len(never) == 0:
-        return []
-    message = (f"gen {gen}: {len(never)} of the test split's {len(present)} classes are never predicted "
-               f"(classes {never.tolist()[:10]}{' ...' if len(never) > 10 else ''}); test scoring {scoring!r}"
-               + ("; data.test_scoring = 'present_classes' scores only the classes the test split holds"
-                  if scoring == "all" else ""))
-    logger.warning(message)
-    return [message]
-
-
-def _finite_or_none(x):
-    return None if x is None or not math.isfinite(x) else float(x)
+        run.update_manifest(generations={str(gen): {
+            "arch": arch, "objective": objective.name, "parent_sha256": parent_sha,
+            "checkpoint_sha256": sha256_file(run.checkpoint_path(gen)), "finished": now(),
+            "best_epoch": result.best["epoch"] if result.best is not None else None}})
+    return model

@@ -36,7 +36,7 @@ from ban_analysis.config import TrainConfig
 from ban_analysis.data import DatasetBundle, Split, iterate_batches
 from ban_analysis.engine import distributed
 from ban_analysis.engine.amp import make_scaler
-from ban_analysis.engine.runs import HookWriter, RunDir
+from ban_analysis.engine.runs import RunDir
 from ban_analysis.engine.step import autocast_context, train_step
 from ban_analysis.models import create_model
 

@@ -18,7 +18,6 @@ def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, n_bins
     confidence, prediction = probs.max(dim=1)
     correct = (prediction == target).double()
     bins = torch.clamp((confidence.double() * n_bins).long(), max=n_bins - 1)
-    counts = torch.bincount(bins, minlength=n_bins).double()
     conf_sum = torch.bincount(bins, weights=confidence.double(), minlength=n_bins)
     acc_sum = torch.bincount(bins, weights=correct, minlength=n_bins)
     return float((conf_sum - acc_sum).abs().sum() / probs.shape[0])
