@@ -18,9 +18,9 @@ from ban_analysis.layout import TEACHER, RunLayout, StudyLayout
 PACKAGE = Path(ban_analysis.__file__).parent
 FIXTURE = Path(__file__).parent / "fixtures" / "study_v0_1"  # written by ban_analysis 0.1 (commit 7c34876)
 # rank of each top-level part: a module may import only parts of lower or equal rank
-RANK = {"registry": 0, "layout": 0, "config": 1, "data": 2, "models": 2, "losses": 2, "stats": 2,
+RANK = {"registry": 0, "layout": 0, "roles": 0, "config": 1, "data": 2, "models": 2, "losses": 2, "stats": 2,
         "instrument": 3, "engine": 4, "study": 5, "report": 5, "cli": 6, "__init__": 7, "__main__": 7}
-TORCH_FREE = ("layout", "registry", "stats", "report")
+TORCH_FREE = ("layout", "registry", "roles", "stats", "report")
 # The one sanctioned upward reach: config.validate_semantics checks names against the registries
 # (objectives, models, hooks, datasets) inside the function, at validation time, so importing
 # config loads none of them.

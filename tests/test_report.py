@@ -279,7 +279,7 @@ def test_renamed_variants_with_a_roles_table_get_the_same_numbers(tmp_path, prob
 def test_roles_defaults_match_the_study_planner_and_old_study_json(tmp_path):
     from ban_analysis.study.plan import DEFAULT_ROLES, StudyConfig
 
-    from ban_analysis.report import roles
+    from ban_analysis import roles
 
     assert roles.DEFAULT_ROLES == DEFAULT_ROLES
     # an old study.json (no variants, no roles) gets the defaults

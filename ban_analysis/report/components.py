@@ -25,7 +25,7 @@ import pandas as pd
 from ban_analysis.layout import TEACHER
 from ban_analysis.report.attribution import _find, fraction_estimate
 from ban_analysis.report.load import POINTS, Study
-from ban_analysis.report.roles import COMPONENTS
+from ban_analysis.roles import COMPONENTS
 from ban_analysis.report.rules import display_name, fraction_verdict
 
 __all__ = ["STRUCTURE", "component_analysis", "seeds_needed", "seeds_needed_table"]

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from ban_analysis.layout import (
     DEFAULT_GAIN_FRACTION_THRESHOLD, DEFAULT_MARGIN, HOOK_KEYS, RESULT_COLUMNS, TEACHER, StudyLayout,
 )
-from ban_analysis.report import roles as roles_mod
+from ban_analysis import roles as roles_mod
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from ban_analysis.report import figures as F, gradients as grads, noise
 from ban_analysis.report.attribution import Attribution
 from ban_analysis.report.document import Doc, ci, num, pval
 from ban_analysis.report.load import Study
-from ban_analysis.report.roles import COMPONENTS
+from ban_analysis.roles import COMPONENTS
 from ban_analysis.report.rules import display_name, pct
 
 

@@ -26,10 +26,10 @@ from typing import Any
 
 from ban_analysis.config import ConfigError, RunConfig, apply_override, build_section, config_from_dict, read_toml
 from ban_analysis.layout import DEFAULT_GAIN_FRACTION_THRESHOLD, DEFAULT_MARGIN, TEACHER, StudyLayout
+from ban_analysis.roles import DEFAULT_ROLES, resolve_roles  # noqa: F401  (DEFAULT_ROLES re-exported)
 
 __all__ = ["RunSpec", "StudyConfig", "Variant", "load_study", "plan_runs", "study_from_dict"]
 
-DEFAULT_ROLES = {"reference": "ban", "probes": ["cwtm", "dkpp"], "label_only": "ce"}
 _VARIANT_KEYS = {"name": str, "objective": str, "params": dict, "generations": int}
 
 
@@ -53,7 +53,7 @@ class StudyConfig:
     generations: dict = field(default_factory=dict)       # objective -> K (default 1)
     objective_params: dict = field(default_factory=dict)  # objective -> hyperparameters table
     variants: list = field(default_factory=list)          # [[variants]] tables
-    roles: dict = field(default_factory=dict)             # [roles]; missing keys take DEFAULT_ROLES
+    roles: dict = field(default_factory=dict)             # [roles]; missing keys: ban_analysis.roles.DEFAULT_ROLES
     equivalence_margin: float = DEFAULT_MARGIN   # accuracy fraction, fixed before looking (TOST)
     gain_fraction_threshold: float = DEFAULT_GAIN_FRACTION_THRESHOLD  # CI above this: "recovers most"
     report_epoch: str = "last"  # which epoch's model the results use: "last" or "best" (val acc)
@@ -74,19 +74,9 @@ class StudyConfig:
         return out + [_variant(t) for t in self.variants]
 
     def resolved_roles(self) -> dict[str, Any]:
-        """Roles with defaults filled in, restricted to the variants this study has."""
-        names = [v.name for v in self.variant_list()]
-        roles = {**DEFAULT_ROLES, **self.roles}
-        probes = [p for p in roles["probes"] if p in names]
-        special = {roles["reference"], roles["label_only"], *probes}
-        with_teacher = [v.name for v in self.variant_list() if v.objective != "ce"]
-        controls = roles.get("controls")
-        if controls is None:
-            controls = [n for n in with_teacher if n not in special]
-        return {"reference": roles["reference"] if roles["reference"] in names else None,
-                "probes": probes, "controls": [c for c in controls if c in names],
-                "label_only": roles["label_only"] if roles["label_only"] in names else None}
-
+        """Roles with defaults filled in, restricted to the variants this study has
+        (:func:`ban_analysis.roles.resolve_roles`, the same rules the report reads study.json with)."""
+        return resolve_roles(asdict(self), [v.name for v in self.variant_list()])
 
 def _variant(table: dict) -> Variant:
     return Variant(name=table["name"], objective=table.get("objective", table["name"]),

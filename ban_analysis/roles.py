@@ -1,4 +1,4 @@
-"""Who is who in a study, read from study.json: its variants, their objectives, roles and components.
+"""Who is who in a study, read from a study config (study.json): its variants, their objectives, roles and components.
 
 The report never looks for objective names in its logic; it asks this module which variant is
 the *reference* (whose gain over the teacher is explained), which are the *probes* (each isolates
@@ -8,8 +8,9 @@ or controls carry which *component* of the teacher's signal.
 study.json is ``asdict(StudyConfig)`` (``ban_analysis.study.plan``): ``objectives`` (names, or
 tables with ``name`` and ``objective``), ``variants`` (tables), ``roles`` (a table). Old study.json
 files have neither ``variants`` nor ``roles``; the defaults below then apply, so they report as
-before. The defaults mirror ``ban_analysis.study.plan.DEFAULT_ROLES`` (a test checks that they
-agree); they are repeated here because importing the study package loads torch.
+before. Torch-free and below both the study planner (``StudyConfig.resolved_roles``) and the
+report, which resolve roles with the same functions here: the planner over the configured
+variants, the report over the variants results.csv has.
 
 Roles resolve against the variants present in results.csv: a role whose variant has no rows is
 dropped from the resolved roles, and :func:`declared_roles` keeps it so the report can say so.
@@ -22,7 +23,7 @@ from typing import Any, Iterable
 __all__ = ["COMPONENTS", "DEFAULT_COMPONENT_OBJECTIVES", "DEFAULT_ROLES", "LABEL_ONLY_OBJECTIVES", "components",
            "declared_roles", "resolve_roles", "variant_objectives", "variant_names"]
 
-# Defaults of the [roles] table (ban_analysis.study.plan.DEFAULT_ROLES).
+# Defaults of the [roles] table.
 DEFAULT_ROLES: dict[str, Any] = {"reference": "ban", "probes": ["cwtm", "dkpp"], "label_only": "ce"}
 # Objectives trained on labels alone, without a teacher (a variant of one is no control).
 LABEL_ONLY_OBJECTIVES = ("ce",)
