@@ -166,23 +166,10 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
     data_gen = seeded_generator(seed, "data", gen, device)
     objective_gen = seeded_generator(seed, "objective", gen, device)
     torch_state = _seeded_cpu_state(derive_seed(seed, "torch", gen))
-    start_epoch, metrics = 0, []
-    track_best, best = cfg.track_best, None
+    start_epoch, metrics, track_best, best = 0, [], cfg.track_best, None
     if run is not None and run.checkpoint_path(gen).exists():
-        state = run.load_checkpoint(gen)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        data_gen.set_state(state["rng"]["data"])
-        objective_gen.set_state(state["rng"]["objective"])
-        torch_state = state["rng"]["torch"]
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, metrics = state["epoch"], list(state["metrics"])
-        best = state.get("best")
-        if track_best and "best" not in state and start_epoch > 0:
-            track_best = False  # a checkpoint of an older version: its earlier epochs' logits are gone
-            logger.warning("gen %d: the checkpoint has no best-epoch record; this generation will have none", gen)
-        logger.info("gen %d: resuming after epoch %d of %d", gen, start_epoch, cfg.epochs)
+        start_epoch, metrics, track_best, best, torch_state = _resume(
+            run.load_checkpoint(gen), gen, cfg, model, optimizer, scaler, data_gen, objective_gen)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     trained, shard = model, None  # under torchrun: the DDP wrapper, and this rank's share of each batch
@@ -193,11 +180,7 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
 
     teacher_train_logits, row_of = None, None
     if teacher is not None and augment == "none":
-        # Without augmentation the teacher sees each training image unchanged, so its logits are
-        # computed once instead of once per step: the BAN step then costs what the CE step costs.
-        teacher_train_logits = predict(teacher, bundle.train, bundle, eval_bs, cfg.amp, cfg.channels_last)
-        row_of = torch.full((int(bundle.train.index.max()) + 1,), -1, dtype=torch.long, device=device)
-        row_of[bundle.train.index] = torch.arange(len(bundle.train.index), device=device)
+        teacher_train_logits, row_of = _cached_teacher_logits(teacher, bundle, eval_bs, cfg)
 
     steps_per_epoch = math.ceil(len(bundle.train.y) / cfg.batch_size)
     writer = distributed.hook_writer_for(run, gen, world) if (run is not None and hooks is not None) else None
@@ -215,9 +198,7 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
                 group["lr"] = lr
             model.train()
             started = time.perf_counter()
-            loss_sum, correct, seen, skipped = 0.0, 0, 0, 0
-            if clean_targets is not None:  # predicted the clean label, noisy samples, memorised
-                noise_counts = torch.zeros(3, dtype=torch.long, device=device)
+            totals = _EpochTotals(clean_targets)
             bar = tqdm(total=steps_per_epoch, desc=f"gen {gen} epoch {epoch + 1}/{cfg.epochs}",
                        leave=False, disable=not progress, unit="batch")
             batches = iterate_batches(bundle.train, cfg.batch_size, shuffle=True, generator=data_gen,
@@ -237,42 +218,30 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
                                     teacher_logits=teacher_logits, hooks=hooks, step=step, gen=gen, epoch=epoch,
                                     sample_index=index, generator=objective_gen, amp=cfg.amp, scaler=scaler,
                                     forward=forward)
-                skipped += result.skipped
                 if result.hook_rows and writer is not None:
                     writer.add(epoch, step, result.hook_rows)
-                n = target.shape[0]
-                loss_sum += result.loss.item() * n
-                correct += (result.student_logits.argmax(1) == target).sum().item()
-                if clean_targets is not None:
-                    noise_counts += _noise_counts(result.student_logits, target, clean_targets[index])
-                seen += n
+                totals.add(result, target, index)
                 bar.update(1)
                 if i % 20 == 0:
-                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+                    bar.set_postfix(loss=f"{totals.loss_sum / totals.seen:.4f}",
+                                    acc=f"{totals.correct / totals.seen:.4f}")
             bar.close()
             if hooks is not None and hasattr(hooks, "flush"):  # HookRunner(defer=True): the epoch's deferred rows
                 deferred = hooks.flush()
                 if deferred and writer is not None:
                     writer.add(epoch, epoch * steps_per_epoch, deferred)  # rows carry their own step
             if world.enabled:  # the epoch's sums over all ranks; rank 0's BatchNorm buffers everywhere
-                counts = noise_counts.tolist() if clean_targets is not None else []
-                sums = distributed.all_sum([loss_sum, correct, seen, skipped, *counts], world, device)
-                loss_sum, correct, seen, skipped = sums[0], *(int(v) for v in sums[1:4])
-                if clean_targets is not None:
-                    noise_counts = torch.tensor([int(v) for v in sums[4:]], dtype=torch.long)
+                totals.all_sum(world, device)
                 distributed.broadcast_buffers(model, world)
             eval_started = time.perf_counter()
             val_logits = predict(model, bundle.val, bundle, eval_bs, cfg.amp, cfg.channels_last)
             eval_seconds = time.perf_counter() - eval_started
-            row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                   **_split_loss_acc(val_logits, bundle.val.y), "lr": lr,
+            row = {"epoch": epoch + 1, **totals.row(), **_split_loss_acc(val_logits, bundle.val.y), "lr": lr,
                    "seconds": time.perf_counter() - started}
             if clean_targets is not None:
-                clean_ok, noisy, memorised = noise_counts.tolist()
-                row["train_acc_clean"] = clean_ok / seen
-                row["memorised"] = memorised / noisy if noisy else float("nan")
+                row.update(totals.noise_row())
             if scaler is not None:  # fp16: optimizer steps skipped for inf/NaN gradients this epoch
-                row["skipped_steps"] = skipped
+                row["skipped_steps"] = totals.skipped
             metrics.append(row)
             if track_best and row["val_acc"] > (best["val_acc"] if best else -math.inf):  # NaN: never
                 eval_started = time.perf_counter()
@@ -314,6 +283,72 @@ def train_generation(model: nn.Module, objective, bundle: DatasetBundle, cfg: Tr
                           else predict(model, bundle.test, bundle, eval_bs, cfg.amp, cfg.channels_last))
     result.final_eval_seconds = time.perf_counter() - eval_started
     return result
+
+
+def _resume(state: dict, gen: int, cfg: TrainConfig, model, optimizer, scaler, data_gen, objective_gen):
+    """Load a generation's checkpoint into the training state; returns (start epoch, metrics rows,
+    whether the best epoch is still tracked, the best record, the global torch RNG state)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    data_gen.set_state(state["rng"]["data"])
+    objective_gen.set_state(state["rng"]["objective"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    start_epoch, track_best = state["epoch"], cfg.track_best
+    if track_best and "best" not in state and start_epoch > 0:
+        track_best = False  # a checkpoint of an older version: its earlier epochs' logits are gone
+        logger.warning("gen %d: the checkpoint has no best-epoch record; this generation will have none", gen)
+    logger.info("gen %d: resuming after epoch %d of %d", gen, start_epoch, cfg.epochs)
+    return start_epoch, list(state["metrics"]), track_best, state.get("best"), state["rng"]["torch"]
+
+
+def _cached_teacher_logits(teacher: nn.Module, bundle: DatasetBundle, eval_bs: int, cfg: TrainConfig):
+    """The teacher's logits of every training image, and sample id -> row.
+
+    Without augmentation the teacher sees each training image unchanged, so its logits are
+    computed once instead of once per step: the BAN step then costs what the CE step costs.
+    """
+    device = bundle.train.x.device
+    logits = predict(teacher, bundle.train, bundle, eval_bs, cfg.amp, cfg.channels_last)
+    row_of = torch.full((int(bundle.train.index.max()) + 1,), -1, dtype=torch.long, device=device)
+    row_of[bundle.train.index] = torch.arange(len(bundle.train.index), device=device)
+    return logits, row_of
+
+
+class _EpochTotals:
+    """The epoch's running sums over the training steps (the metrics row's train columns)."""
+
+    def __init__(self, clean_targets: torch.Tensor | None) -> None:
+        self.loss_sum, self.correct, self.seen, self.skipped = 0.0, 0, 0, 0
+        self.clean_targets = clean_targets
+        # with label noise: predicted the clean label, noisy samples, noisy ones predicted as noisy
+        self.noise_counts = (None if clean_targets is None
+                             else torch.zeros(3, dtype=torch.long, device=clean_targets.device))
+
+    def add(self, result, target: torch.Tensor, index: torch.Tensor) -> None:
+        n = target.shape[0]
+        self.skipped += result.skipped
+        self.loss_sum += result.loss.item() * n
+        self.correct += (result.student_logits.argmax(1) == target).sum().item()
+        if self.clean_targets is not None:
+            self.noise_counts += _noise_counts(result.student_logits, target, self.clean_targets[index])
+        self.seen += n
+
+    def all_sum(self, world, device) -> None:
+        """The sums over every rank (torchrun)."""
+        counts = self.noise_counts.tolist() if self.noise_counts is not None else []
+        sums = distributed.all_sum([self.loss_sum, self.correct, self.seen, self.skipped, *counts], world, device)
+        self.loss_sum, self.correct, self.seen, self.skipped = sums[0], *(int(v) for v in sums[1:4])
+        if self.noise_counts is not None:
+            self.noise_counts = torch.tensor([int(v) for v in sums[4:]], dtype=torch.long)
+
+    def row(self) -> dict:
+        return {"train_loss": self.loss_sum / self.seen, "train_acc": self.correct / self.seen}
+
+    def noise_row(self) -> dict:
+        """train_acc_clean (against the clean labels) and memorised (noisy samples fitted as labelled)."""
+        clean_ok, noisy, memorised = self.noise_counts.tolist()
+        return {"train_acc_clean": clean_ok / self.seen, "memorised": memorised / noisy if noisy else float("nan")}
 
 
 def _noise_counts(logits: torch.Tensor, target: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
