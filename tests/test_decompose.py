@@ -174,3 +174,13 @@ def test_stats_bad_inputs():
         per_sample_stats(student, teacher, target + 3, out)
     with pytest.raises(ValueError, match=r"student_logits must be a floating point \(B, C\) tensor"):
         per_sample_stats(student[0], teacher, target, out)
+
+
+@pytest.mark.parametrize("shape", [(5000, 10), (3, 10), (200, 3), (64, 100)])
+def test_row_log_softmax_matches_torch(shape):
+    """per_sample_stats' log-softmax over rows (along the transpose for few classes) is torch's."""
+    from ban_analysis.instrument.decompose import _log_softmax_rows
+
+    x = 6 * torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    x[0, 0] = -math.inf  # a class with no mass, as the non-label distribution has
+    torch.testing.assert_close(_log_softmax_rows(x), torch.log_softmax(x, dim=1), rtol=1e-6, atol=1e-6)

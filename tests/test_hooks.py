@@ -274,6 +274,35 @@ def test_defaults_and_name_list():
     assert HookRunner({}, seed=0, train_size=1).hooks == {}
 
 
+def test_update_share_and_param_split_due_together_share_one_target_backward(monkeypatch):
+    """Fused and due at one step, the two hooks run one backward of the target term (update_share's,
+    which also returns param_split's layer-output gradients), and param_split's columns are those
+    it computes alone, with its own backward."""
+    torch.manual_seed(0)
+    base = Net().train()
+    calls, cols = [], {}
+    real_grad = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        calls.append(1)
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    for cfg in ({"param_split": {"every_n_steps": 1, "samples": 6}},
+                {"update_share": {}, "param_split": {"every_n_steps": 1, "samples": 6}}):
+        model = copy.deepcopy(base)
+        runner = HookRunner(cfg, seed=0, train_size=60, fuse_backward=True)
+        torch.manual_seed(5)
+        ctx = step_context(runner, model, 0)
+        calls.clear()
+        assert runner.run(ctx) == {}
+        assert len(calls) == 1  # param_split's own output backward, or update_share's shared one
+        ctx.out.loss.backward()
+        cols[len(cfg)] = runner.after_backward()["param_split"]
+    for k, v in cols[1].items():
+        torch.testing.assert_close(cols[2][k], v, rtol=1e-5, atol=1e-7, msg=k)
+
+
 def test_fused_backward_matches_separate_passes_and_cleans_up():
     torch.manual_seed(0)
     base = Net().train()
@@ -300,3 +329,14 @@ def test_fused_backward_matches_separate_passes_and_cleans_up():
     assert fused.handles
     runner.run(step_context(runner, base, 1))
     assert fused.handles == [] and all(h.step == 1 for _, h in runner._pending)
+
+
+def test_idle_steps_are_the_steps_with_no_hook_due():
+    """idle(step) is `not due(step)` over two periods of the schedule (lcm 6), and for a long one."""
+    runner = HookRunner({"update_share": {"every_n_steps": 2}, "param_split": {"every_n_steps": 3}},
+                        seed=0, train_size=60)
+    assert [runner.idle(s) for s in range(12)] == [not runner.due(s) for s in range(12)]
+    assert [s for s in range(12) if not runner.idle(s)] == [0, 2, 3, 4, 6, 8, 9, 10]
+    long = HookRunner({"update_share": {"every_n_steps": 9973}, "param_split": {"every_n_steps": 9967}},
+                      seed=0, train_size=60)  # period 99,400,891: due sets computed per step
+    assert [s for s in (0, 1, 9967, 9973, 19934) if not long.idle(s)] == [0, 9967, 9973, 19934]

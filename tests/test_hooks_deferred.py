@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from types import SimpleNamespace
 import pytest
 import torch
 
@@ -17,10 +18,11 @@ from ban_analysis.config import config_from_dict
 from ban_analysis.engine.chain import run_chain
 from ban_analysis.engine.runs import HookWriter
 from ban_analysis.instrument import hooks as hooks_mod
+from ban_analysis.instrument.capture import capture_activations
 from ban_analysis.instrument.hooks import HookRunner
 from ban_analysis.layout import RunLayout
 from tests.conftest import tiny_config
-from tests.test_hooks import Net, step_context
+from tests.test_hooks import Net, make_batch, step_context
 
 # experiments/study_fmnist_mlp.toml's hook set, at the tiny data's scale
 STUDY_HOOKS = {"logit_split": {"every_n_steps": 1, "samples": 200}, "head_split": {"every_n_steps": 1, "samples": 200},
@@ -43,14 +45,24 @@ def _assert_frames_match(got: pd.DataFrame, want: pd.DataFrame, what: str) -> No
     pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-6, atol=0, obj=what)
 
 
+class ScaledNet(Net):
+    """Logits that are not the head's own matmul (a scale after it): the head input then comes from a
+    forward hook kept through the epoch, not from the autograd graph."""
+
+    def forward(self, x):
+        return self.head(self.body(x)) * 1.0
+
+
 @pytest.mark.parametrize("anchor", ["label", "teacher_argmax"])
 @pytest.mark.parametrize("objective", ["ban", "ce", "cwtm"])
 @pytest.mark.parametrize("defer_bytes", [2**26, 2000])
 @pytest.mark.parametrize("head_rows", [{"samples": 30}, {"samples": 5, "sample_from": "batch"}])
-def test_deferred_rows_equal_the_per_step_rows(anchor, objective, defer_bytes, head_rows):
+@pytest.mark.parametrize("net", [Net, ScaledNet])
+def test_deferred_rows_equal_the_per_step_rows(anchor, objective, defer_bytes, head_rows, net):
     """run() per step vs flush(): same columns, dtypes, row order and values (all rows, a fixed
     subset, rows drawn per step, label-noise columns, an anchor at the teacher's argmax, no teacher,
-    steps computed in groups of one or two: 2,000 bytes)."""
+    steps computed in groups of one or two: 2,000 bytes; the head input read from the logits'
+    graph, or from a forward hook)."""
     cfg = {"logit_split": {"anchor": anchor}, "head_split": {"anchor": anchor, **head_rows},
            "update_share": {"every_n_steps": 2}}
     clean = torch.randint(0, 5, (60,), generator=torch.Generator().manual_seed(3))
@@ -59,8 +71,9 @@ def test_deferred_rows_equal_the_per_step_rows(anchor, objective, defer_bytes, h
     assert runners[True].info()["logit_split"]["deferred"] and "deferred" not in runners[False].info()["logit_split"]
     assert not runners[True].hooks["update_share"].hook.deferred
     torch.manual_seed(0)
-    model = Net()
+    model = net()
     calls = {False: [], True: []}
+    hooked = []  # after each step: does the model carry a forward hook (the deferred runner's)?
     for step in range(6):
         for deferred, runner in runners.items():
             torch.manual_seed(step)  # the same dropout mask for both runners' forward
@@ -68,7 +81,12 @@ def test_deferred_rows_equal_the_per_step_rows(anchor, objective, defer_bytes, h
             rows = runner.run(ctx)
             assert not (deferred and ({"logit_split", "head_split"} & set(rows)))
             calls[deferred].append((step, rows))
-    assert any(m._forward_hooks for m in model.modules())  # the deferred runner's head hook, kept
+            if deferred:
+                hooked.append(any(m._forward_hooks for m in model.modules()))
+    # Net's logits are the head's addmm: after the first step (the probe) no hook is kept; ScaledNet's
+    # are not: the head's hook stays from the first step to flush()
+    assert hooked == ([False] * 6 if net is Net else [True] * 6)
+    assert runners[True].hooks["head_split"].hook.state["_graph"][1] == (net is Net)
     flushed = runners[True].flush()
     assert not any(m._forward_hooks for m in model.modules())  # removed by flush
     assert set(flushed) == {"logit_split", "head_split"} and runners[True].flush() == {}
@@ -80,6 +98,23 @@ def test_deferred_rows_equal_the_per_step_rows(anchor, objective, defer_bytes, h
         _assert_frames_match(got[hook], want[hook], hook)
     assert runners[True].info()["logit_split"].get("anchor_effective") == \
         runners[False].info()["logit_split"].get("anchor_effective")
+
+
+def test_head_input_from_the_graph_is_the_hooked_input_and_a_changed_head_is_refused():
+    """The graph's saved head input is the very tensor a forward hook captures (the probe's test); a
+    model whose logits stop being the head's matmul mid-epoch gets a clear error, not wrong rows."""
+    runner = HookRunner({"head_split": {}}, seed=0, train_size=60, defer=True)
+    model = Net()
+    for step in range(2):
+        runner.run(step_context(runner, model, step))
+    hook = runner.hooks["head_split"].hook
+    assert hook.state["_graph"][1] and hook.capture_modules(model) == ([], False)
+    with capture_activations(model, ["head"], clone_outputs=False) as cap:
+        logits = model(make_batch(0)[0])
+    assert hook._graph_input(SimpleNamespace(student_logits=logits, model=model)) is cap["head"][0]
+    model.forward = lambda x: Net.forward(model, x) * 1.0  # the last op is no longer the head's
+    with pytest.raises(RuntimeError, match="not the head layer's matmul"):
+        runner.run(step_context(runner, model, 2))
 
 
 def test_rows_of_an_earlier_epoch_are_dropped_with_a_warning(caplog):

@@ -367,7 +367,10 @@ class HookWriter:
         for hook, columns in outputs.items():
             if not columns:
                 continue
-            arrays = {name: t.detach().cpu().numpy() for name, t in columns.items()}
+            # (.numpy() straight away where it can: a per-step row has ~25 columns, and each call
+            # costs a few us inside a training step here)
+            arrays = {name: (t.numpy() if t.device.type == "cpu" and not t.requires_grad else t.detach().cpu().numpy())
+                      for name, t in columns.items()}
             steps = arrays.pop("step", None)
             n_rows = max((a.shape[0] for a in arrays.values() if a.ndim == 1), default=1)
             if n_rows == 0:
@@ -376,7 +379,7 @@ class HookWriter:
                      "step": (np.full(n_rows, step if steps is None else steps, np.int64)
                               if steps is None or steps.ndim == 0 else steps.astype(np.int64, copy=False))}
             for name, a in arrays.items():
-                block[name] = np.broadcast_to(a, (n_rows,)) if a.ndim == 0 else a
+                block[name] = (a.reshape(1) if n_rows == 1 else np.broadcast_to(a, (n_rows,))) if a.ndim == 0 else a
             self._buffers.setdefault(hook, []).append(block)
 
     def flush(self, epoch: int, means: bool = False) -> dict[str, dict[str, float]]:

@@ -153,6 +153,8 @@ def train_step(model: nn.Module, objective: Any, x: Tensor, target: Tensor, opti
         if teacher is None:
             raise ValueError(f"objective {objective.name!r} needs teacher logits or a teacher; got neither")
         teacher_logits = teacher_forward(teacher, x, amp)
+    if hooks is not None and getattr(hooks, "idle", None) is not None and hooks.idle(step):
+        hooks = None  # nothing due: the step is a plain one (HookRunner.idle)
     capture = hooks.capture(model, step) if hooks is not None else contextlib.nullcontext()
     with capture, autocast_context(amp, x.device):
         # `is None`, not `or`: a torch.compile'd module's truth value calls len(), which a model refuses

@@ -128,6 +128,18 @@ class Hook:
         """Modules whose (input, output) this hook needs, and whether outputs are differentiated."""
         return [], False
 
+    def prepare(self, ctx: StepContext) -> None:
+        """Before any due hook of the step runs: say in ``ctx.cache`` what this hook will need, so
+        an earlier hook can compute it in the same pass (default: nothing). A fused ``param_split``
+        puts its layer outputs under ``("target_outputs", anchor)``; a fused ``update_share``,
+        whose target-term backward runs first, then returns their gradients too."""
+
+    def capture_changed(self) -> bool:
+        """True once after what :meth:`capture_modules` returns changed for the same model (a
+        deferred ``head_split`` that found its input in the autograd graph); the runner then drops
+        the forward hooks it kept for it."""
+        return False
+
     def __call__(self, ctx: StepContext) -> dict[str, Tensor]:
         raise NotImplementedError
 

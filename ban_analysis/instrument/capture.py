@@ -126,6 +126,7 @@ class StickyHooks:
         self.dues: set[tuple[str, ...]] = set()  # the sets of due hooks this capture serves
         self.captured: _Captured | None = None  # the armed step's record; None: the hooks do nothing
         self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+        self.armed = ArmedCapture(self)  # one for every step it serves (a step's objects cost here)
 
     def _hook(self, name: str):
         def hook(module, args, output):  # as capture_activations' hook, with clone_outputs=False
@@ -141,13 +142,19 @@ class StickyHooks:
 
 
 class ArmedCapture:
-    """The capture of a step served by a :class:`StickyHooks`: arms its hooks inside the block."""
+    """The capture of a step served by a :class:`StickyHooks`: arms its hooks inside the block.
+
+    One instance serves every step; ``captured`` is emptied when the next step enters (what a
+    step's hooks read of it, they read within that step)."""
 
     def __init__(self, sticky: StickyHooks) -> None:
-        self._sticky, self.captured = sticky, {}
+        self._sticky, self.captured = sticky, _Captured()
 
     def __enter__(self) -> "ArmedCapture":
-        self.captured = self._sticky.captured = _Captured()
+        captured = self.captured
+        captured.clear()
+        captured.versions.clear()
+        self._sticky.captured = captured
         return self
 
     def __exit__(self, *exc) -> None:

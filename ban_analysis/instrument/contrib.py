@@ -117,6 +117,8 @@ def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
 
 def _add_linear(a, dt, dd, gw, gb, has_bias):
     """Linear layer: closed forms for (n, in) inputs, Gram or materialised for sequences."""
+    if a.ndim == 2:
+        return _add_linear_2d(a, dt, dd, gw, gb if has_bias else None)
     n = a.shape[0]
     a, dt, dd = a.reshape(n, -1, a.shape[-1]), dt.reshape(n, -1, dt.shape[-1]), dd.reshape(n, -1, dd.shape[-1])
     length, d_in, d_out = a.shape[1], a.shape[2], dt.shape[2]
@@ -138,17 +140,49 @@ def _add_linear(a, dt, dd, gw, gb, has_bias):
     return acc_dots
 
 
-def output_grads(student_logits, model, captured, cotangents, modules, terms=("target", "dark")):
+def _add_linear_2d(a: Tensor, dt: Tensor, dd: Tensor, gw: Tensor, gb: Tensor | None) -> Tensor:
+    """(5, n) dots of a Linear layer on (n, in) inputs, in ~15 tensor ops (each ~10 us inside a training
+    step here). A sample's piece is delta_s a_s^T (+ delta_s for the bias), so
+    <piece_x, piece_y> = (|a_s|^2 + 1) <delta_x, delta_y> and <piece_x, G> = delta_x . (G_w a_s + g_b)."""
+    pieces = torch.stack([dt, dd])  # (2, n, out)
+    aa = (a * a).sum(1)  # (n,)
+    if gb is not None:
+        aa = aa + 1.0
+        ga = torch.addmm(gb.to(a.dtype), a, gw.t())  # (n, out): G_w a_s + g_b
+    else:
+        ga = a @ gw.t()
+    return torch.cat([(pieces * pieces).sum(2) * aa, ((dt * dd).sum(1) * aa).unsqueeze(0),
+                      (pieces * ga).sum(2)])  # <T,T>, <D,D>, <T,D>, <T,G>, <D,G>
+
+
+def output_grads(student_logits, model, captured, cotangents, modules, terms=("target", "dark"),
+                 named_modules=None):
     """One backward pass per term to the captured layer outputs only.
 
     Asking for output gradients alone lets autograd skip every weight-gradient product
     (measured: 0.67 of a full backward on ResNet-20, 0.13 on the MLP); the batch weight
     gradients are then rebuilt per layer from the activations (:func:`_layer_batch_grad`).
 
-    Returns (module names, term -> [output grad per module]).
+    Returns (module names, term -> [output grad per module]). ``named_modules``: as in
+    :func:`contribution_stats`.
     """
-    mods = dict(model.named_modules())
-    names = [n for n in (covered_modules(model) if modules is None else modules) if n in captured]
+    names, outs = captured_outputs(model, captured, modules, named_modules)
+    grads = {}
+    for term in terms:
+        g = torch.autograd.grad(student_logits, outs, retain_graph=True, allow_unused=True,
+                                grad_outputs=cotangents[term].to(student_logits.dtype))
+        grads[term] = [torch.zeros_like(t) if x is None else x for t, x in zip(outs, g)]
+    return names, grads
+
+
+def captured_outputs(model: nn.Module, captured: dict, modules: Sequence[str] | None = None,
+                     named_modules: dict | None = None) -> tuple[list[str], list[Tensor]]:
+    """(names, outputs) of the covered modules (or ``modules``) in ``captured``, checked: supported
+    types, outputs not changed in place since capture. What :func:`output_grads` differentiates."""
+    mods = dict(model.named_modules()) if named_modules is None else named_modules
+    if modules is None:
+        modules = [n for n, m in mods.items() if isinstance(m, SUPPORTED) and _module_params(m)]  # covered_modules
+    names = [n for n in modules if n in captured]
     if not names:
         raise ValueError("no captured Linear/Conv2d/norm module; wrap the forward in capture()")
     for n in names:
@@ -158,13 +192,7 @@ def output_grads(student_logits, model, captured, cotangents, modules, terms=("t
         if captured[n][1]._version != getattr(captured, "versions", {}).get(n, captured[n][1]._version):
             raise ValueError(f"output of {n!r} was changed in place after capture; "
                              "capture with clone_outputs=True")
-    outs = [captured[n][1] for n in names]
-    grads = {}
-    for term in terms:
-        g = torch.autograd.grad(student_logits, outs, retain_graph=True, allow_unused=True,
-                                grad_outputs=cotangents[term].to(student_logits.dtype))
-        grads[term] = [torch.zeros_like(t) if x is None else x for t, x in zip(outs, g)]
-    return names, grads
+    return names, [captured[n][1] for n in names]
 
 
 def _work_dtype(t: Tensor) -> torch.dtype:
@@ -205,6 +233,7 @@ def contribution_stats(
     modules: Sequence[str] | None = None, max_elems: int = 1 << 24,
     deltas: dict[str, dict[str, Tensor]] | None = None,
     layer_grads: dict[str, tuple[Tensor | None, Tensor | None]] | None = None,
+    named_modules: dict[str, nn.Module] | None = None, info: dict[str, object] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, object]]:
     """Per-sample contributions of each term to the batch gradient: norms and cosines.
 
@@ -225,6 +254,9 @@ def contribution_stats(
             pass is run and ``cotangents`` is unused; the modules are the keys).
         layer_grads: module name -> (weight, bias) batch gradient G, if already known (e.g.
             the ``.grad`` after the trainer's backward); else rebuilt from the activations.
+        named_modules: ``dict(model.named_modules())`` if the caller keeps it; info: the
+            coverage info of these modules if the caller keeps it (each walk of the model is
+            ~50 us inside a training step here).
 
     Returns:
         (the five per-sample columns (n,), info with ``covered_params``, ``total_params``,
@@ -236,11 +268,12 @@ def contribution_stats(
     else:
         names = list(deltas["target"])
         grads = {t: [deltas[t][n] for n in names] for t in ("target", "dark")}
-    mods = dict(model.named_modules())
+    mods = dict(model.named_modules()) if named_modules is None else named_modules
     B = student_logits.shape[0]
     rows = torch.arange(B, device=student_logits.device) if rows is None else torch.as_tensor(rows).long()
     acc = DotAccumulator(rows.numel(), student_logits.device)
     n_r = rows.numel()
+    linear_dots, squares = [], []  # added to acc at the end, in two ops instead of a few per layer
     for i, n in enumerate(names):
         m, inp = mods[n], captured[n][0]
         wd = _work_dtype(grads["target"][i])
@@ -250,13 +283,13 @@ def contribution_stats(
             gw, gb = _layer_batch_grad(m, inp, d_t + d_d, xhat)
         else:
             gw, gb = (None if g is None else g.to(wd) for g in layer_grads[n])
-        acc.add_batch_norm2(sum(_sq(g) for g in (gw, gb) if g is not None))
+        squares += [_sq(g) for g in (gw, gb) if g is not None]
         dt, dd = d_t[rows], d_d[rows]
         if isinstance(m, nn.Linear):
             if gw is None:  # bias only: per-sample piece is the summed output gradient
                 acc.add(dt.reshape(n_r, -1, dt.shape[-1]).sum(1), dd.reshape(n_r, -1, dd.shape[-1]).sum(1), gb)
                 continue
-            acc.add_dots(_add_linear(inp[rows], dt, dd, gw, gb, gb is not None))
+            linear_dots.append(_add_linear(inp[rows], dt, dd, gw, gb, gb is not None))
         elif isinstance(m, nn.Conv2d):
             _add_conv(acc, m, inp[rows], dt, dd, gw, gb, gw is not None, gb is not None, max_elems)
         else:
@@ -266,8 +299,13 @@ def contribution_stats(
                 acc.add((dt * xhat).sum(red).reshape(n_r, -1), (dd * xhat).sum(red).reshape(n_r, -1), gw.reshape(-1))
             if gb is not None:
                 acc.add(dt.sum(red).reshape(n_r, -1), dd.sum(red).reshape(n_r, -1), gb.reshape(-1))
-    info = coverage(model, names)
-    info["modules"] = len(names)
+    if linear_dots:  # float32 dots of each layer, summed in float64 (as acc.add_dots does one by one)
+        acc.add_dots(torch.stack(linear_dots).double().sum(0))
+    if squares:
+        acc.add_batch_norm2(torch.stack(squares).double().sum())
+    if info is None:
+        info = coverage(model, names)
+        info["modules"] = len(names)
     return acc.columns(student_logits.dtype), info
 
 
@@ -350,13 +388,23 @@ class FusedContribution:
 
     Args: as :func:`contribution_stats`; the cotangents are B times the objective's parts,
         whose sum B * out.logit_grad is what the trainer backpropagates (times B).
+        ``target_grads``: the target cotangent's gradients at :func:`captured_outputs`, if a
+        backward already gave them (then no backward is run here).
     """
 
     def __init__(self, student_logits: Tensor, model: nn.Module, captured: dict,
-                 cotangents: dict[str, Tensor], rows: Tensor | None = None) -> None:
+                 cotangents: dict[str, Tensor], rows: Tensor | None = None,
+                 named_modules: dict[str, nn.Module] | None = None, info: dict | None = None,
+                 target_grads: list[Tensor] | None = None) -> None:
         self.args = (student_logits, model, captured, rows)
-        self.names, grads = output_grads(student_logits, model, captured, cotangents, None, ("target",))
-        self.target = dict(zip(self.names, grads["target"]))
+        self.named_modules, self.info = named_modules, info
+        if target_grads is None:
+            self.names, grads = output_grads(student_logits, model, captured, cotangents, None, ("target",),
+                                             named_modules=named_modules)
+            target_grads = grads["target"]
+        else:  # the target term's output gradients, from a backward another hook ran (update_share's)
+            self.names, _ = captured_outputs(model, captured, None, named_modules)
+        self.target = dict(zip(self.names, target_grads))
         self.total: dict[str, Tensor] = {}
 
         def catch(name):
@@ -379,7 +427,7 @@ class FusedContribution:
         if len(missing) == len(self.names):
             raise ValueError("no gradient reached the captured layers: call after_backward after "
                              "out.loss.backward()")
-        mods = dict(model.named_modules())
+        mods = dict(model.named_modules()) if self.named_modules is None else self.named_modules
         B = student_logits.shape[0]
         dark = {n: (self.total[n] * B).to(t.dtype) - t if n in self.total else -t
                 for n, t in self.target.items()}
@@ -392,4 +440,5 @@ class FusedContribution:
         layer_grads = {n: (grad_of(getattr(mods[n], "weight", None)), grad_of(getattr(mods[n], "bias", None)))
                        for n in self.names}
         return contribution_stats(student_logits, model, captured, {}, rows,
-                                  deltas={"target": self.target, "dark": dark}, layer_grads=layer_grads)
+                                  deltas={"target": self.target, "dark": dark}, layer_grads=layer_grads,
+                                  named_modules=mods, info=self.info)

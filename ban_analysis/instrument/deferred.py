@@ -49,12 +49,13 @@ def noise_columns(clean_labels: Tensor, sample_index: Tensor, target: Tensor, st
             "student_argmax": student_logits.detach().argmax(1)}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Waiting:
     """One step of a deferred hook, kept until compute time."""
 
     step: int
     raw: dict          # gather()'s tensors, by reference
+    keys: tuple        # raw's keys (steps with the same keys are computed in one call)
     keep: dict         # sample_index (and with label noise target, student_logits)
     rows: Tensor | None  # rows drawn at the step (sample_from "batch"); None: selected at compute time
     versions: tuple    # version counters of the batch's labels and ids at the step
@@ -76,6 +77,7 @@ class DeferredRows:
                  clean_labels_on: Callable[[torch.device], Tensor | None]) -> None:
         self.hooks, self.defer_bytes = hooks, defer_bytes
         self._member_mask, self._clean_on = member_mask, clean_labels_on
+        self.noisy = True  # False: no clean labels, the runner says (saves a call a step)
         self.drop()
 
     def drop(self) -> None:
@@ -91,22 +93,34 @@ class DeferredRows:
 
     def add(self, name: str, ctx, rows: Tensor | None) -> None:
         """Keep hook ``name``'s tensors of this step (references: no copy); ``rows`` drawn now or None."""
-        raw = self.hooks[name].hook.gather(ctx)
-        keep = {"sample_index": ctx.sample_index}
-        if self._clean_on(ctx.sample_index.device) is not None:  # noise columns at compute time
-            keep.update(target=ctx.target, student_logits=ctx.student_logits.detach())
-        held = self._step_bytes.get(name)
-        if held is None:  # the same tensors every step of an epoch: counted once
-            held = self._step_bytes[name] = sum(t.numel() * t.element_size() for t in (*raw.values(), *keep.values()))
+        self.add_step(ctx, ((name, rows),))
+
+    def add_step(self, ctx, items) -> None:
+        """:meth:`add` for each ``(name, rows)`` in ``items``, the deferred hooks due at this step: one
+        record of the batch's ids and labels for all of them (a step's Python costs add up: each
+        line here runs at every training step)."""
+        index, target = ctx.sample_index, ctx.target
+        keep = {"sample_index": index}
+        if self.noisy and self._clean_on(index.device) is not None:  # noise columns at compute time
+            keep.update(target=target, student_logits=ctx.student_logits.detach())
         # the batch's labels and ids are what a data loader of one's own might refill in place (the
         # logits and logit gradient are new tensors of each step's forward and objective)
-        versions = (ctx.target._version, ctx.sample_index._version)
-        self.waiting.setdefault(name, []).append(_Waiting(ctx.step, raw, keep, rows, versions,
-                                                          ctx.sample_index.shape[0], ctx.target))
+        versions, n, step = (target._version, index._version), index.shape[0], ctx.step
         self.at = (ctx.gen, ctx.epoch)
-        self._held[name] = self._held.get(name, 0) + held
-        if self._held[name] >= self.defer_bytes:
-            self.compute(name)
+        for name, rows in items:
+            raw = self.hooks[name].hook.gather(ctx)
+            held = self._step_bytes.get(name)
+            if held is None:  # the same tensors every step of an epoch: counted once
+                held = self._step_bytes[name] = sum(t.numel() * t.element_size()
+                                                    for t in (*raw.values(), *keep.values()))
+            waiting = self.waiting.get(name)
+            if waiting is None:
+                waiting = self.waiting[name] = []
+            waiting.append(_Waiting(step, raw, tuple(raw), keep, rows, versions, n, target))
+            held += self._held.get(name, 0)
+            self._held[name] = held
+            if held >= self.defer_bytes:
+                self.compute(name)
 
     def compute(self, only: str | None = None) -> None:
         """Columns of the waiting steps (of hook ``only``, or all): one ``compute`` call per run of
@@ -117,9 +131,9 @@ class DeferredRows:
             self._held.pop(name, None)
             first = 0
             while first < len(waiting):
-                keys = waiting[first].raw.keys()
+                keys = waiting[first].keys
                 last = first + 1
-                while last < len(waiting) and waiting[last].raw.keys() == keys:
+                while last < len(waiting) and waiting[last].keys == keys:
                     last += 1
                 chunk = self._compute_group(name, waiting[first:last], cats)
                 if chunk is not None:
@@ -129,7 +143,7 @@ class DeferredRows:
     def columns(self) -> dict[str, dict[str, Tensor]]:
         """Every waiting step computed; hook -> column -> (N,) CPU tensor in step order. Then dropped."""
         self.compute()
-        out = {name: {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+        out = {name: chunks[0] if len(chunks) == 1 else {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
                for name, chunks in self.computed.items()}
         self.drop()
         return out
@@ -165,7 +179,7 @@ class DeferredRows:
         if clean is not None:
             out.update(noise_columns(clean, out["sample_index"], pick(cat([e.keep["target"] for e in group])),
                                      pick(torch.cat([e.keep["student_logits"] for e in group]))))
-        return {k: v.detach().cpu() for k, v in out.items()}
+        return {k: (v.detach() if v.requires_grad else v).cpu() for k, v in out.items()}
 
     def _selected(self, name: str, group: list[_Waiting], index: Tensor) -> Tensor | None:
         """Positions in the group's concatenated batches of the rows hook ``name`` reports (None = all)."""

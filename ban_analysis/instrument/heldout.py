@@ -130,7 +130,7 @@ class HeldoutAttribution(Hook):
             raise ValueError(f"hook {self.name!r} needs the step's learning rate in StepContext.lr "
                              "(train_step sets it from optimizer.param_groups[0]['lr'])")
         anchor = self.opts["anchor"]
-        names, params = _trainable(ctx.model)
+        names, params = _trainable(ctx.model, ctx.cache)
         loss_before, g_val = self._heldout(ctx.model, params, grad=True)
         stash = {"lr": float(ctx.lr), "g_val": g_val, "loss_before": loss_before,
                  "theta": [p.detach().clone() for p in params]}
@@ -152,7 +152,7 @@ class HeldoutAttribution(Hook):
     def after_backward(self, ctx: StepContext) -> None:
         stash = ctx.cache[("heldout", self.name)]
         if "dots" not in stash:
-            _, params = _trainable(ctx.model)
+            _, params = _trainable(ctx.model, ctx.cache)
             t = _dot(stash["g_val"], stash.pop("g_target"))
             total = _dot(stash["g_val"], [_grad_of(p) for p in params])
             stash["dots"] = (t, total - t, total)
@@ -160,7 +160,7 @@ class HeldoutAttribution(Hook):
 
     def after_step(self, ctx: StepContext) -> dict[str, Tensor]:
         stash = ctx.cache.pop(("heldout", self.name))
-        _, params = _trainable(ctx.model)
+        _, params = _trainable(ctx.model, ctx.cache)
         loss_after, _ = self._heldout(ctx.model, params, grad=False)
         a_update = torch.stack([torch.dot(g.reshape(-1).double(), (p.detach().double() - p0.double()).reshape(-1))
                                 for g, p, p0 in zip(stash["g_val"], params, stash["theta"])]).sum()

@@ -24,13 +24,14 @@ teacher's argmax; without a teacher, objective ``ce``, the label is used and the
 from __future__ import annotations
 
 import logging
+import weakref
 from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
 
 from ban_analysis.instrument import param_grads as pg
-from ban_analysis.instrument.decompose import ANCHORS, anchor_index, per_sample_stats, split_logit_grad
+from ban_analysis.instrument.decompose import ANCHORS, anchor_index, per_sample_stats, split_at, split_logit_grad
 from ban_analysis.instrument.base import HOOKS, Hook, StepContext, register_hook
 
 logger = logging.getLogger(__name__)
@@ -62,10 +63,11 @@ def _cotangents(ctx: StepContext, scale: bool, anchor: str = "label") -> dict[st
     """Term cotangents from the logit gradient split at the anchor; ``scale``: times B."""
     key = ("cot", scale, anchor)
     if key not in ctx.cache:
-        g = ctx.out.logit_grad.detach()  # (B, C)
+        g = _plain(ctx.out.logit_grad)  # (B, C)
         if scale:
             g = g * g.shape[0]
-        target_part, dark_part = split_logit_grad(g, _anchor(ctx, anchor)[0])
+        # unchecked: the labels passed the objective's checks, the teacher argmax is in range
+        target_part, dark_part = split_at(g, _anchor(ctx, anchor)[0])
         ctx.cache[key] = {"target": target_part, "dark": dark_part}
     return ctx.cache[key]
 
@@ -116,9 +118,16 @@ def _head_name(model: nn.Module) -> str:
     return linears[-1]
 
 
-def _trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
+def _trainable(model: nn.Module, cache: dict | None = None) -> tuple[list[str], list[Tensor]]:
+    """(names, parameters) that require grad; kept in the step's ``cache`` if given (the module
+    walk is ~50 us a call inside a training step here, and a due step asks two or three times)."""
+    if cache is not None and "trainable" in cache:
+        return cache["trainable"]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [n for n, _ in named], [p for _, p in named]
+    out = [n for n, _ in named], [p for _, p in named]
+    if cache is not None:
+        cache["trainable"] = out
+    return out
 
 
 def _term_grads(ctx: StepContext, batched: bool = False,
@@ -126,7 +135,7 @@ def _term_grads(ctx: StepContext, batched: bool = False,
     """Batch gradient of each term over all trainable parameters (cached per step and anchor)."""
     key = ("term_grads", anchor)
     if key not in ctx.cache:
-        names, params = _trainable(ctx.model)
+        names, params = _trainable(ctx.model, ctx.cache)
         grads = pg.term_batch_grads(ctx.student_logits, params, _cotangents(ctx, False, anchor), batched)
         ctx.cache[key] = (names, grads)
     return ctx.cache[key]
@@ -188,7 +197,46 @@ class HeadSplit(Hook):
     def capture_modules(self, model):
         if self.state.get("_model") != id(model):  # the module walk is cached per model
             self.state["head"], self.state["_model"] = _head_name(model), id(model)
+            self.state["_graph"] = None  # unknown: probed at this model's first deferred step
+        if self.deferred and self.state["_graph"] is not None and self.state["_graph"][1]:
+            return [], False  # the head input is read from the logits' autograd graph
         return [self.state["head"]], False
+
+    def capture_changed(self):
+        changed = self.state.pop("_changed", False)
+        return changed
+
+    def _graph_input(self, ctx) -> Tensor | None:
+        """The head's input as the autograd graph of the logits saved it, where the logits are the
+        head's own ``addmm`` (``mm`` without a bias) of it with the head's weight; else None.
+
+        A deferred step reads it there instead of from a forward hook on the head: the hook puts
+        the head's call on ``Module.__call__``'s slow path, and the capture around the forward
+        costs its own, together ~20 us a step on the MLP here. The first step of each model checks
+        that it is the tensor the hook captured (``_graph``) and that the matmul's other operand is
+        the head's weight; later steps check the op's type and the input's width. AMP (the matmul
+        of cast copies) and ``torch.compile`` keep the hook.
+        """
+        fn = ctx.student_logits.grad_fn
+        kept = self.state.get("_head_module")
+        if kept is not None and kept[0]() is ctx.model and type(fn) is kept[2]:
+            # checked in full at the probe; per step only the op and the input's width (reading a
+            # saved tensor costs ~4 us here)
+            f = fn._saved_mat1 if kept[3] else fn._saved_self
+            return f if f.ndim == 2 and f.shape[1] == kept[1].in_features else None
+        kind = type(fn).__name__
+        head = dict(ctx.model.named_modules())[self.state["head"]]
+        w, bias = head.weight, head.bias
+        if kind == "AddmmBackward0" and bias is not None:
+            f, w_t = fn._saved_mat1, fn._saved_mat2
+        elif kind == "MmBackward0" and bias is None:
+            f, w_t = fn._saved_self, fn._saved_mat2
+        else:
+            return None
+        if w_t.data_ptr() != w.data_ptr() or w_t.shape != (w.shape[1], w.shape[0]) or w_t.stride() != (1, w.shape[1]):
+            return None
+        self.state["_head_module"] = (weakref.ref(ctx.model), head, type(fn), bias is not None)
+        return f
 
     def __call__(self, ctx):
         head = self.capture_modules(ctx.model)[0][0]
@@ -202,21 +250,39 @@ class HeadSplit(Hook):
     deferrable = True
 
     def gather(self, ctx):
-        head = self.capture_modules(ctx.model)[0][0]
-        if head not in ctx.captured:
+        state = self.state
+        graph = state.get("_graph") if state.get("_model") == id(ctx.model) else None
+        mods = () if graph is not None and graph[1] else self.capture_modules(ctx.model)[0]
+        head = state["head"]
+        if head in ctx.captured:  # a forward hook's capture (this hook's, or param_split's, whose copy of
+            # the head's output hides the head's matmul from the logits' graph at its steps)
+            f = ctx.captured[head][0]
+            if mods and self.state["_graph"] is None:  # a model's first step: probe the graph
+                from_graph = self._graph_input(ctx)
+                # (param_split's copy of the head's output hides the graph at its steps: asked again)
+                if from_graph is not None or type(ctx.student_logits.grad_fn).__name__ != "CloneBackward0":
+                    self.state["_graph"] = (id(ctx.model), from_graph is f)
+                    self.state["_changed"] = from_graph is f
+        elif mods:
             raise ValueError("head_split needs the student forward wrapped in runner.capture(model, step)")
+        else:
+            f = self._graph_input(ctx)
+            if f is None:
+                raise RuntimeError(f"head_split (deferred): at step {ctx.step} the logits were not the head "
+                                   f"layer's matmul of its input, as they were at this model's first step; "
+                                   f"use HookRunner(defer=False) for a model whose last layer changes")
         _note_anchor(self, ctx)
         # the (B, D) head input enters the statistics only through its norm per row, so that is kept
         # instead of it: one pass over the features (each op over them costs ~40 us on this CPU,
         # about what all the rest of a deferred step costs); |f|^2 is its square (head_stats sums
         # f * f: equal up to float rounding, ~1e-7 relative)
+        # detach, not torch.no_grad(): making and entering that context cost ~10 us a step here
         logit_grad = _plain(ctx.out.logit_grad)
-        with torch.no_grad():
-            f = ctx.captured[head][0]
-            dtype = torch.promote_types(f.dtype, logit_grad.dtype)
-            f = f if f.dtype == dtype else f.to(dtype)
-            raw = {"feature_norm": torch.linalg.vector_norm(f, dim=1), "target": ctx.target,
-                   "logit_grad": logit_grad}
+        f = f.detach()
+        if f.dtype != logit_grad.dtype:
+            f = f.to(torch.promote_types(f.dtype, logit_grad.dtype))
+        raw = {"feature_norm": torch.linalg.vector_norm(f, dim=1), "target": ctx.target,
+               "logit_grad": logit_grad}
         if ctx.teacher_logits is not None and self.opts["anchor"] != "label":
             raw["teacher_logits"] = _plain(ctx.teacher_logits)
         return raw
@@ -225,7 +291,7 @@ class HeadSplit(Hook):
         at, anchor_col = _deferred_anchor(self, raw)
         g = raw["logit_grad"]
         g = g * raw["batch_size"].to(g.dtype).unsqueeze(1)  # as _cotangents(ctx, True, ...) scales by B
-        target_part, dark_part = split_logit_grad(g, raw["target"] if at is None else at)
+        target_part, dark_part = split_at(g, raw["target"] if at is None else at)
         fn = raw["feature_norm"]
         dtype = fn.dtype
         cols = pg.head_norm_stats(fn * fn, fn,
@@ -253,11 +319,22 @@ class UpdateShare(Hook):
     def __call__(self, ctx):
         anchor = self.opts["anchor"]
         if self.fused:  # G_target now; G_dark = G - G_target once the trainer's backward ran
-            names, params = _trainable(ctx.model)
-            cot = _cotangents(ctx, False, anchor)
+            names, params = _trainable(ctx.model, ctx.cache)
+            cot = _cotangents(ctx, False, anchor)["target"]
+            # a fused param_split due this step wants the same backward's gradients at its layer
+            # outputs (Hook.prepare): one backward for both (on the MLP ~0.35 ms every 50 steps)
+            outs = ctx.cache.pop(("target_outputs", anchor), None)
+            if outs:
+                grads = torch.autograd.grad(ctx.student_logits, [*params, *outs], grad_outputs=cot.to(
+                    ctx.student_logits.dtype), retain_graph=True, allow_unused=True)
+                g_target = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+                ctx.cache[("target_output_grads", anchor)] = [torch.zeros_like(o) if g is None else g
+                                                              for o, g in zip(outs, grads[len(params):])]
+                g_target = {"target": g_target}
+            else:
+                g_target = pg.term_batch_grads(ctx.student_logits, params, {"target": cot})
             # ("g_target", anchor) is also read by heldout_attribution (fused), due later this step
-            ctx.cache[("g_target", anchor)] = pg.term_batch_grads(ctx.student_logits, params,
-                                                                  {"target": cot["target"]})
+            ctx.cache[("g_target", anchor)] = g_target
             return None
         names, grads = _term_grads(ctx, batched=self.opts["batched"], anchor=anchor)
         cols = pg.update_share_stats(grads, pg.layer_groups(names, self.opts["group_depth"]))
@@ -267,7 +344,7 @@ class UpdateShare(Hook):
         return True
 
     def after_backward(self, ctx):
-        names, params = _trainable(ctx.model)
+        names, params = _trainable(ctx.model, ctx.cache)
         g_target = ctx.cache.pop(("g_target", self.opts["anchor"]))["target"]
         grads = {"target": g_target,
                  "dark": [_grad_of(p) - t for p, t in zip(params, g_target)]}
@@ -318,8 +395,14 @@ class ParamSplit(Hook):
                 raise ValueError("param_split mode 'contribution' needs the forward wrapped in "
                                  "runner.capture(model, step)")
             if self.fused:
+                modules, info = self._walk(ctx.model)
+                # the target term's output gradients, if update_share's backward gave them (see prepare),
+                # are those of the unscaled cotangent: times B, as these cotangents are
+                given = ctx.cache.pop(("target_output_grads", anchor), None)
+                B = ctx.student_logits.shape[0]
                 ctx.cache["fused_param_split"] = pg.FusedContribution(
-                    ctx.student_logits, ctx.model, ctx.captured, cot, ctx.rows)
+                    ctx.student_logits, ctx.model, ctx.captured, cot, ctx.rows, named_modules=modules, info=info,
+                    target_grads=None if given is None else [g * B for g in given])
                 return None
             cols, info = pg.contribution_stats(ctx.student_logits, ctx.model, ctx.captured, cot, ctx.rows)
             self.state.update(info)
@@ -329,7 +412,7 @@ class ParamSplit(Hook):
         n_params = sum(p.numel() for p in batch)
         self.state.update(covered_params=n_params, total_params=n_params)
         if mode == "exact":
-            params = dict(zip(names, _trainable(ctx.model)[1]))
+            params = dict(zip(names, _trainable(ctx.model, ctx.cache)[1]))
             choice = self.opts["exact_vjp"]
             batched = choice == "batched" or (choice == "auto" and ctx.student_logits.is_cuda)
             self.state["exact_vjp"] = "batched" if batched else "loop"
@@ -340,11 +423,28 @@ class ParamSplit(Hook):
         return pg.vmap_stats(ctx.model, ctx.inputs, cot, dict(zip(names, batch)), ctx.rows,
                              chunk_size=self.opts["chunk_size"], eval_mode=self.opts["eval_mode"])
 
+    def prepare(self, ctx):
+        if self.fused and self.opts["mode"] == "contribution" and ctx.captured:
+            modules, _ = self._walk(ctx.model)
+            ctx.cache[("target_outputs", self.opts["anchor"])] = pg.captured_outputs(
+                ctx.model, ctx.captured, None, modules)[1]
+
+    def _walk(self, model):
+        """(``dict(model.named_modules())``, coverage info or None), kept per model: each walk is
+        ~50 us inside a training step here. The info is kept once a call has given it."""
+        kept = self.state.get("_walk")
+        if kept is None or kept[0]() is not model:
+            kept = self.state["_walk"] = (weakref.ref(model), dict(model.named_modules()), {})
+        return kept[1], kept[2].get("info")
+
     def can_fuse(self):
         return self.opts["mode"] == "contribution"
 
     def after_backward(self, ctx):
         cols, info = ctx.cache.pop("fused_param_split").finish()
+        kept = self.state.get("_walk")
+        if kept is not None and kept[0]() is ctx.model:
+            kept[2]["info"] = info
         self.state.update(info)
         return {**cols, **_anchor_cols(self, ctx)}
 
