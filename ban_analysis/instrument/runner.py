@@ -75,7 +75,9 @@ class HookRunner:
             tensors must not change after their step: labels or ids refilled in place raise at
             compute time (``train_step`` and the objectives make new tensors every step). The
             forward hook on a module captured at every step without copies (``head_split``'s
-            head) stays registered from the epoch's first step to :meth:`flush`.
+            head) stays registered from the epoch's first step to :meth:`flush`; ``head_split``
+            drops it after a model's first step where the logits are the head's own matmul, and
+            reads the head's input from their autograd graph (``HeadSplit._graph_input``).
         defer_bytes: with ``defer``, the memory one deferred hook may hold before its waiting
             steps are computed and released (default 64 MiB: several Fashion-MNIST epochs of the
             MLP, about 20 steps of a 1000-class model at batch 256); the columns wait for
