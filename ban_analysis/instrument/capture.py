@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["ArmedCapture", "StepCapture", "StickyHooks", "capture_activations"]
+__all__ = ["ArmedCapture", "CapturePlanner", "StepCapture", "StickyHooks", "capture_activations"]
 
 
 class _Captured(dict):
@@ -159,3 +159,78 @@ class ArmedCapture:
 
     def __exit__(self, *exc) -> None:
         self._sticky.captured = None
+
+
+class CapturePlanner:
+    """The :class:`HookRunner`'s side of the captures: which modules a step's due hooks need and
+    how they are hooked (moved here from ``runner.py``). It uses the runner's ``hooks``,
+    ``defer``, ``_due``, ``_sticky``, ``_modules``, ``_every_step`` and ``_uncaptured``."""
+
+    def capture(self, model: nn.Module, step: int) -> StepCapture | ArmedCapture:
+        """Context manager for the student forward of ``step``.
+
+        Registers forward hooks only for modules a due hook needs (head input for
+        ``head_split``; Linear/Conv2d/norm layers for ``param_split`` in contribution mode,
+        whose outputs are passed on as identical copies) and removes them on exit.
+        ``.captured`` holds name -> (input, output) after the block.
+        """
+        due = self._due(step)
+        sticky = self._sticky
+        if sticky is not None and due in sticky.dues and sticky.model() is model:  # as at an earlier step
+            cap = sticky.armed
+            self._capture = (step, cap)
+            return cap
+        if due in self._uncaptured and self._uncaptured[due]() is model:  # these hooks need no module
+            self._capture = None
+            return _NO_CAPTURE
+        names, clone = [], False
+        for n in due:
+            mods, c = self.hooks[n].hook.capture_modules(model)
+            names += [m for m in mods if m not in names]
+            clone = clone or c
+        modules = None
+        if names:  # the module walk, once per model (a weak reference: a new model is walked anew)
+            if self._modules is None or self._modules[0]() is not model:
+                self._modules = (weakref.ref(model), dict(model.named_modules()))
+            modules = self._modules[1]
+        if names and not clone and self.defer and set(names) == set(self._every_step_modules(model)):
+            sticky = self._sticky
+            if sticky is None or sticky.model() is not model:
+                if sticky is not None:
+                    sticky.remove()
+                self._sticky = sticky = StickyHooks(model, names, modules)
+            sticky.dues.add(due)
+            cap = sticky.armed
+            self._capture = (step, cap)
+            return cap
+        if not names:
+            self._uncaptured[due] = weakref.ref(model)
+            self._capture = None
+            return _NO_CAPTURE
+        cap = StepCapture(names, clone, model, modules)
+        self._capture = (step, cap)
+        return cap
+
+    def _every_step_modules(self, model: nn.Module) -> list[str]:
+        """Modules the hooks due at every step capture without copying outputs (kept hooked by a
+        deferred runner through an epoch)."""
+        if self._every_step is None or self._every_step[0]() is not model:
+            names = []
+            for r in self.hooks.values():
+                if r.every_n_steps == 1:
+                    mods, clone = r.hook.capture_modules(model)
+                    names += [] if clone else [m for m in mods if m not in names]
+            self._every_step = (weakref.ref(model), names)
+        return self._every_step[1]
+
+    def _recapture(self) -> None:
+        """Forget the kept forward hooks and which modules are captured at every step: a hook's
+        needs changed (``Hook.capture_changed``); the next step's capture walks them anew."""
+        if self._sticky is not None:
+            self._sticky.remove()
+            self._sticky = None
+        self._every_step = None
+        self._uncaptured.clear()
+
+
+_NO_CAPTURE = StepCapture([], False, None)  # the capture of a step whose hooks need no module (shared)

@@ -46,7 +46,8 @@ from torch import Tensor, nn
 from ban_analysis.instrument import param_grads as pg
 from ban_analysis.instrument.base import Hook, StepContext, register_hook
 from ban_analysis.instrument.decompose import ANCHORS, anchor_index
-from ban_analysis.instrument.hooks import _anchor_cols, _cotangents, _grad_of, _term_grads, _trainable
+from ban_analysis.instrument import hooks as _hooks  # noqa: F401  registered first: update_share's G_target before this hook
+from ban_analysis.instrument.step_terms import _anchor_cols, _cotangents, _grad_of, _term_grads, _trainable
 
 __all__ = ["HeldoutAttribution"]
 

@@ -36,7 +36,6 @@ from torch import Tensor, nn
 from ban_analysis.instrument.capture import capture_activations
 from ban_analysis.instrument.contrib import (
     DotAccumulator,
-    FusedContribution,
     captured_outputs,
     contribution_pieces,
     contribution_stats,
@@ -44,6 +43,7 @@ from ban_analysis.instrument.contrib import (
     covered_modules,
     output_grads,
 )
+from ban_analysis.instrument.fused import FusedContribution
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ __all__ = [
     "TERMS",
     "DotAccumulator",
     "FusedContribution",
+    "captured_outputs",
     "term_batch_grads",
     "layer_groups",
     "update_share_stats",

@@ -1,0 +1,81 @@
+"""Contribution statistics that reuse the trainer's backward (``param_split``, fused).
+
+Split from ``contrib.py`` (the per-sample contribution arithmetic it calls).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ban_analysis.instrument.contrib import captured_outputs, contribution_stats, output_grads
+
+__all__ = ["FusedContribution"]
+
+
+class FusedContribution:
+    """Contribution statistics that reuse the trainer's own backward pass.
+
+    At construction (after the forward, before the trainer's backward): one output-only
+    backward pass for the target term, and tensor hooks on the captured outputs that record
+    the total output gradients when the trainer runs ``out.loss.backward()`` (they return
+    None, so the gradients pass on unchanged). :meth:`finish` (after that backward) gets the
+    dark term by linearity, dark = B * total - target, and G from the layers' ``.grad``:
+    one extra backward pass in all instead of two plus the rebuilt weight gradients.
+
+    Args: as :func:`contribution_stats`; the cotangents are B times the objective's parts,
+        whose sum B * out.logit_grad is what the trainer backpropagates (times B).
+        ``target_grads``: the target cotangent's gradients at :func:`captured_outputs`, if a
+        backward already gave them (then no backward is run here).
+    """
+
+    def __init__(self, student_logits: Tensor, model: nn.Module, captured: dict,
+                 cotangents: dict[str, Tensor], rows: Tensor | None = None,
+                 named_modules: dict[str, nn.Module] | None = None, info: dict | None = None,
+                 target_grads: list[Tensor] | None = None) -> None:
+        self.args = (student_logits, model, captured, rows)
+        self.named_modules, self.info = named_modules, info
+        if target_grads is None:
+            self.names, grads = output_grads(student_logits, model, captured, cotangents, None, ("target",),
+                                             named_modules=named_modules)
+            target_grads = grads["target"]
+        else:  # the target term's output gradients, from a backward another hook ran (update_share's)
+            self.names, _ = captured_outputs(model, captured, None, named_modules)
+        self.target = dict(zip(self.names, target_grads))
+        self.total: dict[str, Tensor] = {}
+
+        def catch(name):
+            def hook(grad):
+                self.total[name] = grad
+            return hook
+
+        self.handles = [captured[n][1].register_hook(catch(n)) for n in self.names]
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def finish(self) -> tuple[dict[str, Tensor], dict[str, object]]:
+        """The five columns and coverage info, once the trainer's backward has run."""
+        self.cancel()
+        student_logits, model, captured, rows = self.args
+        missing = [n for n in self.names if n not in self.total]
+        if len(missing) == len(self.names):
+            raise ValueError("no gradient reached the captured layers: call after_backward after "
+                             "out.loss.backward()")
+        mods = dict(model.named_modules()) if self.named_modules is None else self.named_modules
+        B = student_logits.shape[0]
+        dark = {n: (self.total[n] * B).to(t.dtype) - t if n in self.total else -t
+                for n, t in self.target.items()}
+
+        def grad_of(p):
+            if not isinstance(p, Tensor) or not p.requires_grad:
+                return None
+            return torch.zeros_like(p) if p.grad is None else p.grad
+
+        layer_grads = {n: (grad_of(getattr(mods[n], "weight", None)), grad_of(getattr(mods[n], "bias", None)))
+                       for n in self.names}
+        return contribution_stats(student_logits, model, captured, {}, rows,
+                                  deltas={"target": self.target, "dark": dark}, layer_grads=layer_grads,
+                                  named_modules=mods, info=self.info)
