@@ -258,7 +258,8 @@ class UpdateShare(Hook):
         names, params = _trainable(ctx.model, ctx.cache)
         g_target = ctx.cache.pop(("g_target", self.opts["anchor"]))["target"]
         grads = {"target": g_target,
-                 "dark": [_grad_of(p) - t for p, t in zip(params, g_target)]}
+                 # one multi-tensor call for all parameters (the same subtraction, elementwise)
+                 "dark": torch._foreach_sub([_grad_of(p) for p in params], g_target)}
         cols = pg.update_share_stats(grads, pg.layer_groups(names, self.opts["group_depth"]))
         return {**cols, **_anchor_cols(self, ctx)}
 
