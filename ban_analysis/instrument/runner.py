@@ -68,8 +68,8 @@ class HookRunner(CapturePlanner):
             are held and at :meth:`flush`, select their reported rows and compute their
             statistics in one vectorised call over many steps: their rows come from
             :meth:`flush`, each with its own ``step`` column, and not from :meth:`run`. The
-            values are the per-step ones up to float rounding (tested to 1e-6 relative;
-            ``logit_split`` is bit-identical on CPU here, ``head_split`` within ~1e-7). The kept
+            values are the per-step ones up to float rounding (tested to 1e-6 relative; ~1e-7
+            here, a small KL ~3e-6: the log-softmax of many rows runs another kernel). The kept
             tensors must not change after their step: labels or ids refilled in place raise at
             compute time (``train_step`` and the objectives make new tensors every step). The
             forward hook on a module captured at every step without copies (``head_split``'s
