@@ -12,7 +12,7 @@ import pytest
 
 from ban_analysis.cli import main
 from ban_analysis.config import config_from_dict
-from ban_analysis.engine import runs as runs_mod
+from ban_analysis.engine import files as files_mod
 from ban_analysis.engine.chain import run_chain
 from ban_analysis.engine.runs import RunFolderError, atomic_write_bytes, load_checkpoint_file
 from ban_analysis.layout import RunLayout
@@ -52,7 +52,7 @@ def fill_disk_at(monkeypatch, name: str, nth: int = 1) -> dict:
                 return FullFile(fh)
         return fh
 
-    monkeypatch.setattr(runs_mod, "open", fake_open, raising=False)  # the module's open, not the builtin
+    monkeypatch.setattr(files_mod, "open", fake_open, raising=False)  # the writer module's open, not the builtin
     return seen
 
 
@@ -67,7 +67,7 @@ def test_a_failed_write_removes_its_temporary_file_and_keeps_the_old_file(tmp_pa
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(runs_mod.os, "fsync", full)
+    monkeypatch.setattr(files_mod.os, "fsync", full)
     with pytest.raises(RunFolderError) as err:
         atomic_write_bytes(path, b"new")
     assert str(err.value) == (f"could not write {path}: no space left on device (disk full?); free space and "
@@ -77,14 +77,14 @@ def test_a_failed_write_removes_its_temporary_file_and_keeps_the_old_file(tmp_pa
     def quota(fd):
         raise OSError(errno.EDQUOT, "Disk quota exceeded")
 
-    monkeypatch.setattr(runs_mod.os, "fsync", quota)
+    monkeypatch.setattr(files_mod.os, "fsync", quota)
     with pytest.raises(RunFolderError, match="no space left on device"):
         atomic_write_bytes(path, b"new")
 
     def io_error(fd):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(runs_mod.os, "fsync", io_error)
+    monkeypatch.setattr(files_mod.os, "fsync", io_error)
     with pytest.raises(RunFolderError, match=r"could not write .*f\.json: Input/output error; fix that and rerun"):
         atomic_write_bytes(path, b"new")
     assert leftovers(tmp_path) == []

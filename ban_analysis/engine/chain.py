@@ -86,7 +86,8 @@ def _completed_state(run: RunDir, gen: int) -> dict | None:
 
 def _import_teacher(cfg: RunConfig, run: RunDir, bundle: DatasetBundle, device: torch.device) -> nn.Module:
     """Generation 0 from an existing checkpoint (a study's shared teacher, or any trained model)."""
-    from ban_analysis.engine.runs import load_checkpoint_file, sha256_file
+    from ban_analysis.engine.files import sha256_file
+    from ban_analysis.engine.runs import load_checkpoint_file
 
     state = load_checkpoint_file(cfg.teacher.checkpoint)
     if "arch" not in state:
@@ -164,7 +165,7 @@ def _legacy_eval_batch_size(run: RunDir, cfg: RunConfig) -> RunConfig:
     batches it started with instead of being refused as another config."""
     import dataclasses
 
-    from ban_analysis.engine.runs import read_json
+    from ban_analysis.engine.files import read_json
 
     if cfg.train.eval_batch_size != 0 or not run.layout.config.exists():
         return cfg
@@ -201,7 +202,7 @@ def _run_chain(cfg: RunConfig, out_dir, *, device: str | None = "cpu", until_gen
     """
     from ban_analysis.data import load_dataset
     from ban_analysis.engine import distributed
-    from ban_analysis.engine.runs import now
+    from ban_analysis.engine.files import now
 
     # under torchrun, rank 0 alone writes the folder (engine/distributed.py)
     run = distributed.run_dir_for(out_dir, distributed.env_world())
@@ -253,7 +254,7 @@ def _prepare_folder(cfg: RunConfig, run: RunDir, bundle: DatasetBundle, world, t
     """Label noise applied, the folder bound to the config, the manifest started, the targets and the
     noise record written; returns the bundle and the clean labels by sample id (None without noise)."""
     from ban_analysis.engine import distributed
-    from ban_analysis.engine.runs import atomic_save_npy
+    from ban_analysis.engine.files import atomic_save_npy
 
     d = cfg.data
     noise = None
@@ -268,7 +269,7 @@ def _prepare_folder(cfg: RunConfig, run: RunDir, bundle: DatasetBundle, world, t
             atomic_save_npy(run.layout.targets(split), labels)
     clean_by_id = None  # with label noise: sample id -> clean label (-1 off the train split)
     if noise is not None:
-        from ban_analysis.engine.runs import atomic_save_npz
+        from ban_analysis.engine.files import atomic_save_npz
 
         if world.is_main:
             atomic_save_npz(run.layout.label_noise, noise.arrays())
@@ -302,7 +303,7 @@ def _hook_runner(cfg: RunConfig, bundle: DatasetBundle, world, torch_device, cle
 def _train_gen(cfg: RunConfig, run: RunDir, gen: int, arch: str, params: dict, bundle: DatasetBundle, teacher,
                hook_runner, clean_by_id, world, torch_device, progress: bool) -> nn.Module:
     """Train generation ``gen`` into the folder (manifest before and after, logits); returns the model."""
-    from ban_analysis.engine.runs import now, sha256_file
+    from ban_analysis.engine.files import now, sha256_file
 
     objective = objective_for_gen(cfg, gen)
     parent_sha = sha256_file(run.checkpoint_path(gen - 1)) if gen > 0 and world.is_main else None

@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Mapping
 
-from ban_analysis.engine.runs import write_error
+from ban_analysis.engine.files import write_error
 
 __all__ = ["METRIC_TAGS", "TensorBoardLog", "open_log"]
 

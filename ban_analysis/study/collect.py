@@ -12,7 +12,8 @@ import csv
 import io
 from pathlib import Path
 
-from ban_analysis.engine.runs import RunDir, RunFolderError, atomic_write_bytes, read_json
+from ban_analysis.engine.files import RunFolderError, atomic_write_bytes, read_json
+from ban_analysis.engine.runs import RunDir
 from ban_analysis.layout import RESULT_COLUMNS, TEACHER, StudyLayout
 
 __all__ = ["collect_results"]

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ban_analysis.config import ConfigError, config_from_dict
-from ban_analysis.engine.runs import RunDir, atomic_write_json, folder_lock, read_json
+from ban_analysis.engine.files import atomic_write_json, folder_lock, read_json
+from ban_analysis.engine.runs import RunDir
 from ban_analysis.layout import TEACHER, StudyLayout
 from ban_analysis.study.collect import collect_results
 from ban_analysis.study.plan import RunSpec, StudyConfig, load_study, plan_runs, study_from_dict
