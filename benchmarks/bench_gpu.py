@@ -154,23 +154,21 @@ def time_steps(model, objective, data, optimizer, steps: int, warmup: int, devic
     """(seconds per step over ``steps`` steps after ``warmup``, seconds of the warm-up)."""
     scaler = make_scaler(amp, device)
     model.train()
-    started = time.perf_counter()
     step = 0
-    for _ in range(warmup):
-        x, y, index = next(data)
-        train_step(model, objective, x, y, optimizer, teacher=teacher, hooks=hooks, step=step, sample_index=index,
-                   amp=amp, scaler=scaler, forward=forward)
-        step += 1
-    sync(device)
-    warm = time.perf_counter() - started
-    started = time.perf_counter()
-    for _ in range(steps):
-        x, y, index = next(data)
-        train_step(model, objective, x, y, optimizer, teacher=teacher, hooks=hooks, step=step, sample_index=index,
-                   amp=amp, scaler=scaler, forward=forward)
-        step += 1
-    sync(device)
-    return (time.perf_counter() - started) / steps, warm
+
+    def run(n: int) -> float:  # seconds of n steps, the device synchronised at the end
+        nonlocal step
+        started = time.perf_counter()
+        for _ in range(n):
+            x, y, index = next(data)
+            train_step(model, objective, x, y, optimizer, teacher=teacher, hooks=hooks, step=step,
+                       sample_index=index, amp=amp, scaler=scaler, forward=forward)
+            step += 1
+        sync(device)
+        return time.perf_counter() - started
+
+    warm = run(warmup)
+    return run(steps) / steps, warm
 
 
 def time_teacher(teacher, data, steps: int, device, amp: str) -> float:
