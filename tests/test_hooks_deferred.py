@@ -86,7 +86,7 @@ def test_deferred_rows_equal_the_per_step_rows(anchor, objective, defer_bytes, h
     # Net's logits are the head's addmm: after the first step (the probe) no hook is kept; ScaledNet's
     # are not: the head's hook stays from the first step to flush()
     assert hooked == ([False] * 6 if net is Net else [True] * 6)
-    assert runners[True].hooks["head_split"].hook.state["_graph"][1] == (net is Net)
+    assert runners[True].hooks["head_split"].hook.state["_graph"] == (net is Net)
     flushed = runners[True].flush()
     assert not any(m._forward_hooks for m in model.modules())  # removed by flush
     assert set(flushed) == {"logit_split", "head_split"} and runners[True].flush() == {}
@@ -108,7 +108,7 @@ def test_head_input_from_the_graph_is_the_hooked_input_and_a_changed_head_is_ref
     for step in range(2):
         runner.run(step_context(runner, model, step))
     hook = runner.hooks["head_split"].hook
-    assert hook.state["_graph"][1] and hook.capture_modules(model) == ([], False)
+    assert hook.state["_graph"] and hook.capture_modules(model) == ([], False)
     with capture_activations(model, ["head"], clone_outputs=False) as cap:
         logits = model(make_batch(0)[0])
     assert hook._graph_input(SimpleNamespace(student_logits=logits, model=model)) is cap["head"][0]

@@ -70,14 +70,13 @@ class DeferredRows:
         hooks: the runner's name -> ``Resolved`` (read at compute time).
         defer_bytes: what one hook may hold before its waiting steps are computed and released.
         member_mask: (name, device) -> the (max id + 1,) bool mask of that hook's fixed subset there.
-        clean_labels_on: device -> the clean labels by sample id there, or None without label noise.
+        clean_labels_on: device -> the clean labels by sample id there; None without label noise.
     """
 
     def __init__(self, hooks: dict, defer_bytes: int, member_mask: Callable[[str], Tensor],
-                 clean_labels_on: Callable[[torch.device], Tensor | None]) -> None:
+                 clean_labels_on: Callable[[torch.device], Tensor | None] | None) -> None:
         self.hooks, self.defer_bytes = hooks, defer_bytes
         self._member_mask, self._clean_on = member_mask, clean_labels_on
-        self.noisy = True  # False: no clean labels, the runner says (saves a call a step)
         self.drop()
 
     def drop(self) -> None:
@@ -91,17 +90,13 @@ class DeferredRows:
     def names(self) -> list[str]:
         return sorted(set(self.waiting) | set(self.computed))
 
-    def add(self, name: str, ctx, rows: Tensor | None) -> None:
-        """Keep hook ``name``'s tensors of this step (references: no copy); ``rows`` drawn now or None."""
-        self.add_step(ctx, ((name, rows),))
-
     def add_step(self, ctx, items) -> None:
-        """:meth:`add` for each ``(name, rows)`` in ``items``, the deferred hooks due at this step: one
-        record of the batch's ids and labels for all of them (a step's Python costs add up: each
-        line here runs at every training step)."""
+        """Keep this step's tensors (references: no copy) for each ``(name, rows)`` in ``items``, the
+        deferred hooks due at this step, ``rows`` drawn now or None; one record of the batch's ids
+        and labels serves all of them (each line here runs at every training step)."""
         index, target = ctx.sample_index, ctx.target
         keep = {"sample_index": index}
-        if self.noisy and self._clean_on(index.device) is not None:  # noise columns at compute time
+        if self._clean_on is not None and self._clean_on(index.device) is not None:  # noise columns later
             keep.update(target=target, student_logits=ctx.student_logits.detach())
         # the batch's labels and ids are what a data loader of one's own might refill in place (the
         # logits and logit gradient are new tensors of each step's forward and objective)
@@ -175,7 +170,7 @@ class DeferredRows:
         cols = self.hooks[name].hook.compute(raw)
         steps = torch.tensor([e.step for e in group], dtype=torch.int64, device=device).repeat_interleave(sizes)
         out = {"step": pick(steps), "sample_index": pick(index), **cols}
-        clean = self._clean_on(device)
+        clean = None if self._clean_on is None else self._clean_on(device)
         if clean is not None:
             out.update(noise_columns(clean, out["sample_index"], pick(cat([e.keep["target"] for e in group])),
                                      pick(torch.cat([e.keep["student_logits"] for e in group]))))

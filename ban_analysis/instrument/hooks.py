@@ -109,13 +109,12 @@ class HeadSplit(Hook):
         if self.state.get("_model") != id(model):  # the module walk is cached per model
             self.state["head"], self.state["_model"] = _head_name(model), id(model)
             self.state["_graph"] = None  # unknown: probed at this model's first deferred step
-        if self.deferred and self.state["_graph"] is not None and self.state["_graph"][1]:
+        if self.deferred and self.state["_graph"]:
             return [], False  # the head input is read from the logits' autograd graph
         return [self.state["head"]], False
 
     def capture_changed(self):
-        changed = self.state.pop("_changed", False)
-        return changed
+        return self.state.pop("_changed", False)
 
     def _graph_input(self, ctx) -> Tensor | None:
         """The head's input as the autograd graph of the logits saved it, where the logits are the
@@ -131,8 +130,8 @@ class HeadSplit(Hook):
         fn = ctx.student_logits.grad_fn
         kept = self.state.get("_head_module")
         if kept is not None and kept[0]() is ctx.model and type(fn) is kept[2]:
-            # checked in full at the probe; per step only the op and the input's width (reading a
-            # saved tensor costs ~4 us here)
+            # checked in full at the probe; per step only the op and the input's width (the full
+            # check reads a second saved tensor: 11.8 -> 5.4-6.4 us a call here without it)
             f = fn._saved_mat1 if kept[3] else fn._saved_self
             return f if f.ndim == 2 and f.shape[1] == kept[1].in_features else None
         kind = type(fn).__name__
@@ -162,8 +161,8 @@ class HeadSplit(Hook):
 
     def gather(self, ctx):
         state = self.state
-        graph = state.get("_graph") if state.get("_model") == id(ctx.model) else None
-        mods = () if graph is not None and graph[1] else self.capture_modules(ctx.model)[0]
+        in_graph = state.get("_model") == id(ctx.model) and state["_graph"]  # else ask capture_modules
+        mods = () if in_graph else self.capture_modules(ctx.model)[0]
         head = state["head"]
         if head in ctx.captured:  # a forward hook's capture (this hook's, or param_split's, whose copy of
             # the head's output hides the head's matmul from the logits' graph at its steps)
@@ -172,8 +171,7 @@ class HeadSplit(Hook):
                 from_graph = self._graph_input(ctx)
                 # (param_split's copy of the head's output hides the graph at its steps: asked again)
                 if from_graph is not None or type(ctx.student_logits.grad_fn).__name__ != "CloneBackward0":
-                    self.state["_graph"] = (id(ctx.model), from_graph is f)
-                    self.state["_changed"] = from_graph is f
+                    self.state["_graph"] = self.state["_changed"] = from_graph is f
         elif mods:
             raise ValueError("head_split needs the student forward wrapped in runner.capture(model, step)")
         else:
@@ -184,9 +182,9 @@ class HeadSplit(Hook):
                                    f"use HookRunner(defer=False) for a model whose last layer changes")
         _note_anchor(self, ctx)
         # the (B, D) head input enters the statistics only through its norm per row, so that is kept
-        # instead of it: one pass over the features (each op over them costs ~40 us on this CPU,
-        # about what all the rest of a deferred step costs); |f|^2 is its square (head_stats sums
-        # f * f: equal up to float rounding, ~1e-7 relative)
+        # instead of it: one pass over the features (12-17 us inside a step on the MLP here, half
+        # of this gather); |f|^2 is its square (head_stats sums f * f: equal up to float rounding,
+        # ~1e-7 relative)
         # detach, not torch.no_grad(): making and entering that context cost ~10 us a step here
         logit_grad = _plain(ctx.out.logit_grad)
         f = f.detach()
@@ -234,18 +232,12 @@ class UpdateShare(Hook):
             cot = _cotangents(ctx, False, anchor)["target"]
             # a fused param_split due this step wants the same backward's gradients at its layer
             # outputs (Hook.prepare): one backward for both (on the MLP ~0.35 ms every 50 steps)
-            outs = ctx.cache.pop(("target_outputs", anchor), None)
+            outs = ctx.cache.pop(("target_outputs", anchor), None) or []
+            grads = pg.term_batch_grads(ctx.student_logits, [*params, *outs], {"target": cot})["target"]
             if outs:
-                grads = torch.autograd.grad(ctx.student_logits, [*params, *outs], grad_outputs=cot.to(
-                    ctx.student_logits.dtype), retain_graph=True, allow_unused=True)
-                g_target = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-                ctx.cache[("target_output_grads", anchor)] = [torch.zeros_like(o) if g is None else g
-                                                              for o, g in zip(outs, grads[len(params):])]
-                g_target = {"target": g_target}
-            else:
-                g_target = pg.term_batch_grads(ctx.student_logits, params, {"target": cot})
+                ctx.cache[("target_output_grads", anchor)] = grads[len(params):]
             # ("g_target", anchor) is also read by heldout_attribution (fused), due later this step
-            ctx.cache[("g_target", anchor)] = g_target
+            ctx.cache[("g_target", anchor)] = {"target": grads[:len(params)]}
             return None
         names, grads = _term_grads(ctx, batched=self.opts["batched"], anchor=anchor)
         cols = pg.update_share_stats(grads, pg.layer_groups(names, self.opts["group_depth"]))
@@ -345,9 +337,10 @@ class ParamSplit(Hook):
         """(``dict(model.named_modules())``, coverage info or None), kept per model: each walk is
         ~50 us inside a training step here. The info is kept once a call has given it."""
         kept = self.state.get("_walk")
-        if kept is None or kept[0]() is not model:
-            kept = self.state["_walk"] = (weakref.ref(model), dict(model.named_modules()), {})
-        return kept[1], kept[2].get("info")
+        if kept is None or kept["model"]() is not model:
+            kept = self.state["_walk"] = {"model": weakref.ref(model), "modules": dict(model.named_modules()),
+                                          "info": None}
+        return kept["modules"], kept["info"]
 
     def can_fuse(self):
         return self.opts["mode"] == "contribution"
@@ -355,8 +348,8 @@ class ParamSplit(Hook):
     def after_backward(self, ctx):
         cols, info = ctx.cache.pop("fused_param_split").finish()
         kept = self.state.get("_walk")
-        if kept is not None and kept[0]() is ctx.model:
-            kept[2]["info"] = info
+        if kept is not None and kept["model"]() is ctx.model:
+            kept["info"] = info
         self.state.update(info)
         return {**cols, **_anchor_cols(self, ctx)}
 

@@ -18,8 +18,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from ban_analysis.instrument.base import HOOKS, StepContext
-from ban_analysis.instrument.base import Hook as HOOKS_BASE
+from ban_analysis.instrument.base import HOOKS, Hook, StepContext
 from ban_analysis.instrument.capture import ArmedCapture, CapturePlanner, StepCapture, StickyHooks
 from ban_analysis.instrument.deferred import DeferredRows, member_rows, noise_columns
 from ban_analysis.instrument.hook_config import Resolved, check_int, heldout_subset, resolve, seed_of
@@ -116,21 +115,21 @@ class HookRunner(CapturePlanner):
         self.defer_bytes = check_int("defer_bytes", defer_bytes, 1)
         for r in self.hooks.values():
             r.hook.deferred = self.defer and r.hook.deferrable
-        self._deferred = DeferredRows(self.hooks, self.defer_bytes, self._member_mask, self._clean_labels_on)
+        self.clean_labels = None if clean_labels is None else torch.as_tensor(clean_labels).long().reshape(-1)
+        self._deferred = DeferredRows(self.hooks, self.defer_bytes, self._member_mask,
+                                      None if self.clean_labels is None else self._clean_labels_on)
         self._member: dict[tuple, Tensor] = {}  # (hook, device type) -> bool mask over its fixed subset's ids
         self._modules: tuple | None = None  # (weakref to the model, its named_modules dict) for capture
         self._every_step: tuple | None = None  # (weakref to the model, _every_step_modules)
         self._sticky: StickyHooks | None = None  # defer: hooks kept on the model until flush
         self._due_memo: dict = {}  # step % period -> the due hooks (see _due)
+        self._due_last: tuple | None = None  # (step, due hooks) when the period is too long to keep
         self._period: int | None = None
-        self._splits: dict = {}  # due hooks -> (deferred, others)
-        self._fixed_items: dict = {}  # deferred due hooks -> [(name, None)] when none draws rows per step
+        self._splits: dict = {}  # due hooks -> (deferred, others, the deferred items if fixed; see _split)
         # the hooks whose capture needs can change (Hook.capture_changed overridden)
         self._changers = tuple(n for n, r in self.hooks.items()
-                               if type(r.hook).capture_changed is not HOOKS_BASE.capture_changed)
+                               if type(r.hook).capture_changed is not Hook.capture_changed)
         self._uncaptured: dict = {}  # due hooks -> weak reference to the model they capture nothing of
-        self.clean_labels = None if clean_labels is None else torch.as_tensor(clean_labels).long().reshape(-1)
-        self._deferred.noisy = self.clean_labels is not None
         if heldout is not None:
             self.set_heldout(*heldout)
 
@@ -160,9 +159,9 @@ class HookRunner(CapturePlanner):
         if self._period is None:
             self._period = math.lcm(*(r.every_n_steps for r in self.hooks.values())) if self.hooks else 1
         if self._period > _MAX_PERIOD:  # a long period: computed per step, kept for the step
-            if self._due_memo.get("step") != step:
-                self._due_memo = {"step": step, "due": tuple(self.due(step))}
-            return self._due_memo["due"]
+            if self._due_last is None or self._due_last[0] != step:
+                self._due_last = (step, tuple(self.due(step)))
+            return self._due_last[1]
         phase = step % self._period
         due = self._due_memo.get(phase)
         if due is None:
@@ -208,7 +207,7 @@ class HookRunner(CapturePlanner):
         captured = ctx.captured
         if not captured and self._capture is not None and self._capture[0] == ctx.step:
             captured = self._capture[1].captured
-        deferred, others = self._split(due)
+        deferred, others, fixed_items = self._split(due)
         cache: dict = {}
         if self.clean_labels is not None and others:
             # (B,) bool: the batch's training label was flipped (heldout_attribution's groups)
@@ -217,12 +216,10 @@ class HookRunner(CapturePlanner):
         try:
             if deferred:  # the batch's tensors now; the rows and their statistics at flush()
                 dctx = ctx if captured is ctx.captured else dataclasses.replace(ctx, captured=captured)
-                items = self._fixed_items.get(deferred)  # no rows drawn per step: the same every step
-                if items is None:
+                items = fixed_items
+                if items is None:  # rows drawn at this step
                     items = [(name, self._defer_rows(name, dctx)) for name in deferred]
                     items = [(name, rows) for name, rows in items if rows is not _NO_ROWS]
-                    if not any(self._draws_rows(name) for name in deferred):
-                        self._fixed_items[deferred] = items
                 self._deferred.add_step(dctx, items)
                 if self._changers and any([self.hooks[name].hook.capture_changed() for name in self._changers]):
                     self._recapture()
@@ -245,12 +242,15 @@ class HookRunner(CapturePlanner):
             self._capture = None  # free the activations
         return results
 
-    def _split(self, due: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(deferred, other) hooks among ``due``, in due order; kept per due set."""
+    def _split(self, due: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], list | None]:
+        """(deferred, other) hooks among ``due``, in due order, and the deferred hooks' ``(name, None)``
+        items when none of them draws rows per step (the same at every step; else None); kept per
+        due set."""
         split = self._splits.get(due)
         if split is None:
-            split = self._splits[due] = (tuple(n for n in due if self.hooks[n].hook.deferred),
-                                         tuple(n for n in due if not self.hooks[n].hook.deferred))
+            deferred = tuple(n for n in due if self.hooks[n].hook.deferred)
+            fixed = None if any(self._draws_rows(n) for n in deferred) else [(n, None) for n in deferred]
+            split = self._splits[due] = (deferred, tuple(n for n in due if not self.hooks[n].hook.deferred), fixed)
         return split
 
     def after_backward(self) -> dict[str, dict[str, Tensor]]:
