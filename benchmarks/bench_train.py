@@ -4,10 +4,11 @@ Sections (``--sections``, all by default):
 
 - ``paired``: the studies' hook set (experiments/study_fmnist_mlp.toml: logit_split and head_split
   on a fixed 5,000-sample subset every step, update_share every 25 steps, param_split every 50 on
-  32 rows; fused backward) on the quick experiment's MLP, against plain BAN steps, in one-epoch blocks
-  interleaved in one process (plain, per-step hooks, deferred hooks as ``run_chain`` runs
-  them); the median block ratio is the overhead, in wall time and in the process's CPU time
-  (steadier on a loaded machine: it leaves out the waits for a core). Goal: <= 10%.
+  32 rows; fused backward) on the quick experiment's MLP, against plain BAN steps: every arm
+  (plain, plain again as the noise floor, per-step hooks, deferred hooks as ``run_chain`` runs
+  them) trains one shared model, taking turns in 43-step slices of one-epoch blocks; the median
+  block ratio is the overhead, in wall time and in the process's CPU time (steadier on a loaded
+  machine: it leaves out the waits for a core). Goal: <= 10%.
 - ``train``: whole epochs of ``ban_analysis.engine.loop.train_generation`` (data path, forward,
   objective, backward, SGD step, validation every epoch), split into training and evaluation
   seconds; CE vs BAN (same-size teacher: with ``augment = "none"`` its logits are computed once
@@ -62,20 +63,28 @@ STUDY_HOOKS = {"logit_split": {"every_n_steps": 1, "samples": 5000},
                "update_share": {"every_n_steps": 25},
                "param_split": {"every_n_steps": 50, "samples": 32, "mode": "contribution"}}
 PAIRED_BLOCK = 430  # steps of one Fashion-MNIST epoch at batch 128 (55,000 training images)
+PAIRED_SLICE = 43  # steps an arm runs before the next arm's turn (a tenth of an epoch)
 
 
-def paired_hooks(bundle, arch, params, rounds: int, block: int = PAIRED_BLOCK) -> dict[str, list[tuple[float, float]]]:
+def paired_hooks(bundle, arch, params, rounds: int, block: int = PAIRED_BLOCK,
+                 slice_steps: int = PAIRED_SLICE) -> dict[str, list[tuple[float, float]]]:
     """(wall, CPU) seconds per block of ``block`` BAN steps, one list per arm, interleaved in one process.
 
-    Arms: ``plain`` (no hooks), ``immediate`` (the study hook set, columns computed at each step)
+    Arms: ``plain`` (no hooks), ``plain (again)`` (the same, a second time: its ratio to ``plain``
+    is this run's noise floor), ``immediate`` (the study hook set, columns computed at each step)
     and, where the runner supports it, ``deferred`` (``HookRunner(defer=True)``, what ``run_chain``
-    uses: per-sample statistics computed in one call over the buffered rows). Every arm trains its
-    own copy of the same student on the same batches (teacher logits cached, as ``augment = "none"``
-    does). A block is one epoch's worth of steps (430 at batch 128 on Fashion-MNIST's 55,000
-    training images); a hooked arm's block includes handing the rows to a ``HookWriter`` (in
-    memory; no Parquet) and, at the block's end, ``hooks.flush()``, as ``train_generation`` does at
-    an epoch's end. Arms run in a rotating order in each round, so load from other processes falls
-    on all of them.
+    uses: per-sample statistics computed in one call over the buffered rows).
+
+    All arms train one model with one optimizer, so they differ in the hook runner only. With a
+    model copy per arm, two plain arms differed by up to 9% in one run (median block ratios 0.908
+    to 1.038 over three runs, 2026-12-02, AMD EPYC): each copy's memory has its own speed on this
+    VM. A block is one epoch's worth of steps (430 at batch 128 on Fashion-MNIST's 55,000
+    training images), which each arm runs in slices of ``slice_steps`` taking turns in a rotating
+    order, so drift in the machine's speed falls on all arms alike (two plain arms: 0.980 to
+    1.010). Each arm counts its own steps, so its runner sees an epoch's consecutive steps, as in a
+    run. A hooked arm's block includes handing the rows to a ``HookWriter`` (in memory; no
+    Parquet) and, at the block's end, ``hooks.flush()``, as ``train_generation`` does at an epoch's
+    end. Teacher logits are cached, as ``augment = "none"`` does.
     """
     import inspect
 
@@ -92,16 +101,18 @@ def paired_hooks(bundle, arch, params, rounds: int, block: int = PAIRED_BLOCK) -
     row_of[bundle.train.index] = torch.arange(len(bundle.train.index))
     objective = get_objective("ban")
     can_defer = "defer" in inspect.signature(HookRunner).parameters
-    arms = ["plain", "immediate"] + (["deferred"] if can_defer else [])
-    state = {}
+    arms = ["plain", "plain (again)", "immediate"] + (["deferred"] if can_defer else [])
+    model = build_model(arch, params, bundle, seed=0, gen=1)
+    optimizer = make_optimizer(model, cfg)
+    runners = {}
     for arm in arms:
-        model = build_model(arch, params, bundle, seed=0, gen=1)
-        runner = None
-        if arm != "plain":
+        runners[arm] = None
+        if arm in ("immediate", "deferred"):
             kwargs = {"defer": arm == "deferred"} if can_defer else {}
-            runner = HookRunner(STUDY_HOOKS, seed=0, train_size=len(bundle.train.index),
-                                train_index=bundle.train.index, fuse_backward=True, **kwargs)
-        state[arm] = (model, make_optimizer(model, cfg), runner, HookWriter(None, 1))
+            runners[arm] = HookRunner(STUDY_HOOKS, seed=0, train_size=len(bundle.train.index),
+                                      train_index=bundle.train.index, fuse_backward=True, **kwargs)
+    writers = {arm: HookWriter(None, 1) for arm in arms}
+    steps = dict.fromkeys(arms, 0)
     times = {arm: [] for arm in arms}
     g = torch.Generator().manual_seed(0)
 
@@ -113,23 +124,29 @@ def paired_hooks(bundle, arch, params, rounds: int, block: int = PAIRED_BLOCK) -
     source = batches()
     for r in range(rounds + 1):  # round 0 warms up
         chunk = [next(source) for _ in range(block)]
-        for arm in arms[r % len(arms):] + arms[:r % len(arms)]:
-            model, opt, runner, writer = state[arm]
-            start, cpu = time.perf_counter(), time.process_time()
-            for j, (x, y, index) in enumerate(chunk):
-                step = r * block + j
-                res = train_step(model, objective, x, y, opt, teacher_logits=teacher_logits[row_of[index]],
-                                 hooks=runner, step=step, gen=1, epoch=0, sample_index=index)
-                if res.hook_rows:
-                    writer.add(0, step, res.hook_rows)
-            if runner is not None and hasattr(runner, "flush"):
-                rows = runner.flush()
-                if rows:
-                    writer.add(0, step, rows)
-            elapsed = (time.perf_counter() - start, time.process_time() - cpu)
-            writer._buffers.clear()
+        spent = {arm: [0.0, 0.0] for arm in arms}
+        for k, lo in enumerate(range(0, block, slice_steps)):
+            shift = (r + k) % len(arms)
+            for arm in arms[shift:] + arms[:shift]:
+                runner, writer = runners[arm], writers[arm]
+                start, cpu = time.perf_counter(), time.process_time()
+                for x, y, index in chunk[lo:lo + slice_steps]:
+                    step = steps[arm]
+                    steps[arm] += 1
+                    res = train_step(model, objective, x, y, optimizer, teacher_logits=teacher_logits[row_of[index]],
+                                     hooks=runner, step=step, gen=1, epoch=0, sample_index=index)
+                    if res.hook_rows:
+                        writer.add(0, step, res.hook_rows)
+                if lo + slice_steps >= block and runner is not None and hasattr(runner, "flush"):
+                    rows = runner.flush()  # the epoch's end
+                    if rows:
+                        writer.add(0, step, rows)
+                spent[arm][0] += time.perf_counter() - start
+                spent[arm][1] += time.process_time() - cpu
+        for arm in arms:
+            writers[arm]._buffers.clear()
             if r:
-                times[arm].append(elapsed)
+                times[arm].append(tuple(spent[arm]))
     return times
 
 
@@ -263,7 +280,7 @@ def main() -> None:
                         help="comma-separated: paired (hook overhead, interleaved steps), train (CE / BAN / "
                              "hooks epochs, training and evaluation seconds), eval (predict() img/s by eval "
                              "batch size), generation (a CIFAR-100 ResNet-20 generation vs a plain PyTorch loop)")
-    parser.add_argument("--rounds", type=int, default=8, help="paired: rounds of one-epoch (430-step) blocks per arm")
+    parser.add_argument("--rounds", type=int, default=8, help="paired: rounds of one epoch (430 steps) per arm")
     parser.add_argument("--eval-batch-size", type=int, default=0, help="train: train.eval_batch_size (0 = auto)")
     parser.add_argument("--eval-reps", type=int, default=5, help="eval: repetitions per batch size")
     parser.add_argument("--gen-epochs", type=int, default=1, help="generation: epochs")
@@ -279,7 +296,8 @@ def main() -> None:
         times = paired_hooks(bundle, "mlp", {"widths": [256, 256]}, args.rounds)
         plain = times["plain"]
         print(f"Study hook set on the quick experiment's MLP (784-256-256-10, Fashion-MNIST, batch 128, BAN, "
-              f"fused backward): {args.rounds} rounds of one-epoch (430-step) blocks, arms interleaved")
+              f"fused backward): {args.rounds} rounds of one epoch (430 steps) per arm, the arms taking turns "
+              f"in {PAIRED_SLICE}-step slices on one shared model; 'plain (again)' is the noise floor")
         print()
         print("| arm | wall ms/step | CPU ms/step | wall: median block ratio | wall: total ratio | "
               "CPU: median block ratio | overhead (wall) | overhead (CPU) |")
