@@ -173,7 +173,7 @@ class DeferredRows:
         clean = None if self._clean_on is None else self._clean_on(device)
         if clean is not None:
             out.update(noise_columns(clean, out["sample_index"], pick(cat([e.keep["target"] for e in group])),
-                                     pick(torch.cat([e.keep["student_logits"] for e in group]))))
+                                     pick(cat([e.keep["student_logits"] for e in group]))))
         return {k: (v.detach() if v.requires_grad else v).cpu() for k, v in out.items()}
 
     def _selected(self, name: str, group: list[_Waiting], index: Tensor) -> Tensor | None:
