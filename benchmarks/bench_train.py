@@ -77,8 +77,8 @@ def paired_hooks(bundle, arch, params, rounds: int, block: int = PAIRED_BLOCK,
 
     All arms train one model with one optimizer, so they differ in the hook runner only. With a
     model copy per arm, two plain arms differed by up to 9% in one run (median block ratios 0.908
-    to 1.038 over three runs, 2026-12-02, AMD EPYC): each copy's memory has its own speed on this
-    VM. A block is one epoch's worth of steps (430 at batch 128 on Fashion-MNIST's 55,000
+    to 1.038 over three runs, 2026-12-02, AMD EPYC; why a copy runs faster or slower was not
+    found). A block is one epoch's worth of steps (430 at batch 128 on Fashion-MNIST's 55,000
     training images), which each arm runs in slices of ``slice_steps`` taking turns in a rotating
     order, so drift in the machine's speed falls on all arms alike (two plain arms: 0.980 to
     1.010). Each arm counts its own steps, so its runner sees an epoch's consecutive steps, as in a
