@@ -111,6 +111,66 @@ def test_deferred_rows_equal_the_per_step_rows(anchor, objective, defer_bytes, h
         runners[False].info()["logit_split"].get("anchor_effective")
 
 
+@pytest.mark.parametrize("net", [Net, ScaledNet])
+def test_train_step_keep_path_gives_the_rows_and_weights_of_the_general_path(net):
+    """train_step's keep path (HookRunner.keeps_only / keep: no capture, no after_backward or
+    after_step on the steps where the due hooks only keep tensors) against the same steps driven
+    through capture / run / after_backward / after_step: bit-identical weights and rows."""
+    from ban_analysis.engine.step import train_step
+    from ban_analysis.losses import get_objective
+
+    objective = get_objective("ban")
+    runners, models, rows, kept = {}, {}, {}, {}
+    for path in ("keep", "general"):
+        torch.manual_seed(0)
+        models[path] = net()
+        runners[path] = HookRunner(STUDY_HOOKS, seed=0, train_size=60, fuse_backward=True, defer=True)
+        rows[path], kept[path] = [], []
+    optimizers = {p: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for p, m in models.items()}
+    for step in range(16):
+        x, target, teacher_logits, index = make_batch(step)
+        for path, runner in runners.items():
+            model, opt = models[path], optimizers[path]
+            torch.manual_seed(step)  # the same dropout mask on both paths
+            if path == "keep":
+                kept[path].append(not runner.idle(step) and runner.keeps_only(step, model))
+                runner._keeping = None  # train_step asks again
+                res = train_step(model, objective, x, target, opt, teacher_logits=teacher_logits, hooks=runner,
+                                 step=step, gen=1, epoch=0, sample_index=index)
+                rows[path].append((step, res.hook_rows))
+                continue
+            with runner.capture(model, step) as cap:
+                logits = model(x)
+            out = objective(logits, teacher_logits, target)
+            ctx = hooks_mod.StepContext(gen=1, epoch=0, step=step, sample_index=index, inputs=x, target=target,
+                                        student_logits=logits, teacher_logits=teacher_logits, out=out, model=model,
+                                        captured=getattr(cap, "captured", {}) or {}, lr=0.1)
+            step_rows = runner.run(ctx)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            step_rows.update(runner.after_backward())
+            opt.step()
+            step_rows.update(runner.after_step())
+            rows[path].append((step, step_rows))
+    # Net: step 1 probes the head's graph and step 2's capture finds no module to hook, so from step 3
+    # on, every step where only logit_split and head_split are due; ScaledNet keeps a forward hook: never
+    due_lh_only = [step >= 3 and step % 5 != 0 and step % 7 != 0 for step in range(16)]
+    assert kept["keep"] == (due_lh_only if net is Net else [False] * 16), kept["keep"]
+    for a, b in zip(models["keep"].parameters(), models["general"].parameters()):
+        assert torch.equal(a, b)
+    flushed = {path: runner.flush() for path, runner in runners.items()}
+    assert set(flushed["keep"]) == {"logit_split", "head_split"}
+    for hook, cols in flushed["general"].items():
+        assert list(flushed["keep"][hook]) == list(cols)
+        for name, col in cols.items():
+            assert torch.equal(flushed["keep"][hook][name], col), (hook, name)
+    for (_, got), (_, want) in zip(rows["keep"], rows["general"]):
+        assert set(got) == set(want)
+        for hook in want:
+            for name, col in want[hook].items():
+                assert torch.equal(got[hook][name], col) or (col.isnan() & got[hook][name].isnan()).all(), (hook, name)
+
+
 def test_head_input_from_the_graph_is_the_hooked_input_and_a_changed_head_is_refused():
     """The graph's saved head input is the very tensor a forward hook captures (the probe's test); a
     model whose logits stop being the head's matmul mid-epoch gets a clear error, not wrong rows."""

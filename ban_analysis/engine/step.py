@@ -26,6 +26,9 @@ __all__ = ["AutogradObjective", "StepOutput", "TrainingDiverged", "as_objective"
            "teacher_forward", "train_step"]
 
 
+_NO_CAPTURE = contextlib.nullcontext()  # reusable: it holds no state
+
+
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient: the run stops with a diagnosis instead of training on NaN."""
 
@@ -155,7 +158,9 @@ def train_step(model: nn.Module, objective: Any, x: Tensor, target: Tensor, opti
         teacher_logits = teacher_forward(teacher, x, amp)
     if hooks is not None and getattr(hooks, "idle", None) is not None and hooks.idle(step):
         hooks = None  # nothing due: the step is a plain one (HookRunner.idle)
-    capture = hooks.capture(model, step) if hooks is not None else contextlib.nullcontext()
+    # the due hooks only keep the step's tensors (HookRunner.keeps_only): no capture, keep() for run()
+    keep = hooks is not None and getattr(hooks, "keeps_only", None) is not None and hooks.keeps_only(step, model)
+    capture = hooks.capture(model, step) if hooks is not None and not keep else _NO_CAPTURE
     with capture, autocast_context(amp, x.device):
         # `is None`, not `or`: a torch.compile'd module's truth value calls len(), which a model refuses
         student_logits = (model if forward is None else forward)(x)
@@ -172,7 +177,11 @@ def train_step(model: nn.Module, objective: Any, x: Tensor, target: Tensor, opti
         ctx = StepContext(gen=gen, epoch=epoch, step=step, sample_index=index, inputs=x, target=target,
                           student_logits=student_logits, teacher_logits=teacher_logits, out=out,
                           model=model, captured=getattr(capture, "captured", {}) or {}, lr=lr)
-        rows.update(hooks.run(ctx))
+        if keep:
+            hooks.keep(ctx)
+            hooks = None  # nothing after the backward or the optimizer step either
+        else:
+            rows.update(hooks.run(ctx))
     optimizer.zero_grad(set_to_none=True)
     skipped = False
     if scaler is None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DeferredRows", "member_rows", "noise_columns"]
+__all__ = ["DeferredRows", "MemberMasks", "member_rows", "noise_columns"]
 
 
 def member_rows(member: Tensor, index: Tensor) -> Tensor:
@@ -37,6 +37,24 @@ def member_rows(member: Tensor, index: Tensor) -> Tensor:
     keep = torch.zeros_like(inside)
     keep[inside] = member[index[inside]]
     return keep.nonzero().squeeze(1)
+
+
+class MemberMasks:
+    """``(name, device)`` -> the (max subset id + 1,) bool mask, True at the ids of hook ``name``'s fixed
+    subset, made once per device type (moved here from the runner)."""
+
+    def __init__(self, hooks: dict) -> None:
+        self.hooks, self._masks = hooks, {}
+
+    def __call__(self, name: str, device: torch.device | str = "cpu") -> Tensor:
+        key = (name, torch.device(device).type)
+        member = self._masks.get(key)
+        if member is None:
+            subset = self.hooks[name].subset.cpu()
+            member = torch.zeros(int(subset.max()) + 1 if subset.numel() else 0, dtype=torch.bool)
+            member[subset] = True
+            self._masks[key] = member = member.to(device)
+        return member
 
 
 def noise_columns(clean_labels: Tensor, sample_index: Tensor, target: Tensor, student_logits: Tensor) -> dict:

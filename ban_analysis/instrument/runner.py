@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ban_analysis.instrument.base import HOOKS, Hook, StepContext
 from ban_analysis.instrument.capture import ArmedCapture, CapturePlanner, StepCapture, StickyHooks
-from ban_analysis.instrument.deferred import DeferredRows, member_rows, noise_columns
+from ban_analysis.instrument.deferred import DeferredRows, MemberMasks, member_rows, noise_columns
 from ban_analysis.instrument.hook_config import Resolved, check_int, heldout_subset, resolve, seed_of
 
 logger = logging.getLogger("ban_analysis.instrument.hooks")  # the name users filter on
@@ -116,9 +116,9 @@ class HookRunner(CapturePlanner):
         for r in self.hooks.values():
             r.hook.deferred = self.defer and r.hook.deferrable
         self.clean_labels = None if clean_labels is None else torch.as_tensor(clean_labels).long().reshape(-1)
+        self._member_mask = MemberMasks(self.hooks)  # (name, device) -> bool mask over a fixed subset's ids
         self._deferred = DeferredRows(self.hooks, self.defer_bytes, self._member_mask,
                                       None if self.clean_labels is None else self._clean_labels_on)
-        self._member: dict[tuple, Tensor] = {}  # (hook, device type) -> bool mask over its fixed subset's ids
         self._modules: tuple | None = None  # (weakref to the model, its named_modules dict) for capture
         self._every_step: tuple | None = None  # (weakref to the model, _every_step_modules)
         self._sticky: StickyHooks | None = None  # defer: hooks kept on the model until flush
@@ -130,6 +130,7 @@ class HookRunner(CapturePlanner):
         self._changers = tuple(n for n, r in self.hooks.items()
                                if type(r.hook).capture_changed is not Hook.capture_changed)
         self._uncaptured: dict = {}  # due hooks -> weak reference to the model they capture nothing of
+        self._keeping: tuple | None = None  # (step, deferred items) that keeps_only announced for keep
         if heldout is not None:
             self.set_heldout(*heldout)
 
@@ -174,6 +175,40 @@ class HookRunner(CapturePlanner):
         steps between sampled hooks those calls cost ~25 us a step on the MLP, about 1.5%)."""
         return not self._due(step)
 
+    def keeps_only(self, step: int, model: torch.nn.Module) -> bool:
+        """True when every hook due at ``step`` only keeps the step's tensors (deferred, no rows drawn
+        now, no capture of ``model``, as an earlier :meth:`capture` found): the trainer may then skip
+        :meth:`capture`, :meth:`after_backward` and :meth:`after_step` and call :meth:`keep` for
+        :meth:`run`, with the same rows (``train_step`` does; benchmarks/README.md, "Fourth pass")."""
+        due = self._due(step)
+        if not due or self._pending or self._post:
+            return False
+        deferred, others, fixed_items = self._split(due)
+        seen = self._uncaptured.get(due)
+        if others or fixed_items is None or seen is None or seen() is not model:
+            return False
+        self._keeping = (step, fixed_items)
+        return True
+
+    def keep(self, ctx: StepContext) -> None:
+        """:meth:`run` for a step :meth:`keeps_only` said True of (its result would be ``{}``: the
+        deferred hooks' rows come from :meth:`flush`)."""
+        keeping, self._keeping = self._keeping, None
+        if keeping is None or keeping[0] != ctx.step:  # not announced: the general path
+            self.run(ctx)
+            return
+        self._check_epoch(ctx)
+        self._deferred.add_step(ctx, keeping[1])
+        if self._changers and any([self.hooks[name].hook.capture_changed() for name in self._changers]):
+            self._recapture()
+
+    def _check_epoch(self, ctx: StepContext) -> None:  # rows left from an earlier epoch: dropped
+        at = self._deferred.at
+        if at is not None and (at[0] != ctx.gen or at[1] != ctx.epoch):
+            logger.warning("HookRunner.flush was not called at the end of gen %d epoch %d; dropping the "
+                           "deferred rows of %s", *at, self._deferred.names())
+            self._drop_deferred()
+
     def _rows(self, name: str, r: Resolved, ctx: StepContext) -> Tensor | None:
         if r.samples == "all":
             return None
@@ -199,11 +234,7 @@ class HookRunner(CapturePlanner):
         due = self._due(ctx.step)
         if not due:
             return {}
-        at = self._deferred.at
-        if at is not None and (at[0] != ctx.gen or at[1] != ctx.epoch):
-            logger.warning("HookRunner.flush was not called at the end of gen %d epoch %d; dropping the "
-                           "deferred rows of %s", *self._deferred.at, self._deferred.names())
-            self._drop_deferred()
+        self._check_epoch(ctx)
         captured = ctx.captured
         if not captured and self._capture is not None and self._capture[0] == ctx.step:
             captured = self._capture[1].captured
@@ -320,18 +351,6 @@ class HookRunner(CapturePlanner):
             return None
         rows = self._rows(name, self.hooks[name], ctx)
         return _NO_ROWS if rows is not None and rows.numel() == 0 else rows
-
-    def _member_mask(self, name: str, device: torch.device | str = "cpu") -> Tensor:
-        """(max subset id + 1,) bool on ``device`` (made once per device): True at the ids of hook
-        ``name``'s fixed subset."""
-        key = (name, torch.device(device).type)
-        member = self._member.get(key)
-        if member is None:
-            subset = self.hooks[name].subset.cpu()
-            member = torch.zeros(int(subset.max()) + 1 if subset.numel() else 0, dtype=torch.bool)
-            member[subset] = True
-            self._member[key] = member = member.to(device)
-        return member
 
     def _drop_deferred(self) -> None:
         if self._sticky is not None:  # the model is left without hooks of ours between epochs
