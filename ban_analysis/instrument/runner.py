@@ -179,7 +179,8 @@ class HookRunner(CapturePlanner):
         """True when every hook due at ``step`` only keeps the step's tensors (deferred, no rows drawn
         now, no capture of ``model``, as an earlier :meth:`capture` found): the trainer may then skip
         :meth:`capture`, :meth:`after_backward` and :meth:`after_step` and call :meth:`keep` for
-        :meth:`run`, with the same rows (``train_step`` does; benchmarks/README.md, "Fourth pass")."""
+        :meth:`run`, with the same rows (``train_step`` does; benchmarks/README.md, "Fourth pass"). A
+        subclass whose :meth:`run` does more should return False here."""
         due = self._due(step)
         if not due or self._pending or self._post:
             return False
