@@ -164,6 +164,13 @@ def test_train_step_keep_path_gives_the_rows_and_weights_of_the_general_path(net
         assert list(flushed["keep"][hook]) == list(cols)
         for name, col in cols.items():
             assert torch.equal(flushed["keep"][hook][name], col), (hook, name)
+    # a keep() not announced by keeps_only for its step takes run()'s way, rows included
+    runner, model = runners["keep"], models["keep"]
+    assert runner.keeps_only(16, model) == (net is Net)
+    ctx = step_context(runner, model, 20)  # step 20: update_share due, never announced
+    assert runner.keep(ctx) == {}  # fused update_share: its row comes from after_backward
+    assert [name for name, _ in runner._pending] == ["update_share"]
+    runner._drop_pending()
     for (_, got), (_, want) in zip(rows["keep"], rows["general"]):
         assert set(got) == set(want)
         for hook in want:

@@ -178,7 +178,7 @@ def train_step(model: nn.Module, objective: Any, x: Tensor, target: Tensor, opti
                           student_logits=student_logits, teacher_logits=teacher_logits, out=out,
                           model=model, captured=getattr(capture, "captured", {}) or {}, lr=lr)
         if keep:
-            hooks.keep(ctx)
+            rows.update(hooks.keep(ctx))
             hooks = None  # nothing after the backward or the optimizer step either
         else:
             rows.update(hooks.run(ctx))

@@ -184,24 +184,24 @@ class HookRunner(CapturePlanner):
         due = self._due(step)
         if not due or self._pending or self._post:
             return False
-        deferred, others, fixed_items = self._split(due)
+        _, others, fixed_items = self._split(due)
         seen = self._uncaptured.get(due)
         if others or fixed_items is None or seen is None or seen() is not model:
             return False
         self._keeping = (step, fixed_items)
         return True
 
-    def keep(self, ctx: StepContext) -> None:
-        """:meth:`run` for a step :meth:`keeps_only` said True of (its result would be ``{}``: the
-        deferred hooks' rows come from :meth:`flush`)."""
+    def keep(self, ctx: StepContext) -> dict[str, dict[str, Tensor]]:
+        """:meth:`run` for a step :meth:`keeps_only` said True of: ``{}`` (the deferred hooks' rows come
+        from :meth:`flush`); a step it was not asked about goes the general way, :meth:`run`."""
         keeping, self._keeping = self._keeping, None
-        if keeping is None or keeping[0] != ctx.step:  # not announced: the general path
-            self.run(ctx)
-            return
+        if keeping is None or keeping[0] != ctx.step:
+            return self.run(ctx)
         self._check_epoch(ctx)
         self._deferred.add_step(ctx, keeping[1])
         if self._changers and any([self.hooks[name].hook.capture_changed() for name in self._changers]):
             self._recapture()
+        return {}
 
     def _check_epoch(self, ctx: StepContext) -> None:  # rows left from an earlier epoch: dropped
         at = self._deferred.at
