@@ -198,10 +198,15 @@ class HookRunner(CapturePlanner):
         if keeping is None or keeping[0] != ctx.step:
             return self.run(ctx)
         self._check_epoch(ctx)
-        self._deferred.add_step(ctx, keeping[1])
+        self._keep_deferred(ctx, keeping[1])
+        return {}
+
+    def _keep_deferred(self, ctx: StepContext, items: list) -> None:
+        """The deferred hooks' share of a step (:meth:`run` and :meth:`keep`): their tensors kept, and
+        the captures walked anew if a hook's needs changed."""
+        self._deferred.add_step(ctx, items)
         if self._changers and any([self.hooks[name].hook.capture_changed() for name in self._changers]):
             self._recapture()
-        return {}
 
     def _check_epoch(self, ctx: StepContext) -> None:  # rows left from an earlier epoch: dropped
         at = self._deferred.at
@@ -252,9 +257,7 @@ class HookRunner(CapturePlanner):
                 if items is None:  # rows drawn at this step
                     items = [(name, self._defer_rows(name, dctx)) for name in deferred]
                     items = [(name, rows) for name, rows in items if rows is not _NO_ROWS]
-                self._deferred.add_step(dctx, items)
-                if self._changers and any([self.hooks[name].hook.capture_changed() for name in self._changers]):
-                    self._recapture()
+                self._keep_deferred(dctx, items)
             if len(others) > 1:  # what the later hooks need, for an earlier one's backward (Hook.prepare)
                 pctx = dataclasses.replace(ctx, captured=captured, cache=cache)
                 for name in others:
