@@ -1,0 +1,341 @@
+"""Where the study hook set's time goes, phase by phase, on the quick experiment's MLP.
+
+``bench_train.py --sections paired`` gives the study hook set's overhead as one number; this script
+says which calls it is made of. Two arms train one shared model (as in ``paired``: a model copy per
+arm ran up to 9% faster or slower), taking turns in 43-step slices of one-epoch blocks (430 steps
+of Fashion-MNIST at batch 128): ``plain`` (no hooks) and ``deferred`` (the study hook set of
+``bench_train.STUDY_HOOKS``, fused backward, deferred per-sample statistics, as ``run_chain`` runs
+it, rows handed to an in-memory ``HookWriter`` and ``flush()`` at each block's end). In the hooked
+arm every ``HookRunner`` call, and the hooks' pieces inside them, is wrapped in a timer. Printed:
+per part, calls per epoch, the median microseconds a call, the microseconds a step averaged over
+the epoch and that as a share of the plain step; then the sum of the runner's calls against the
+hooked arm's measured excess over the plain one (what the wrappers do not see: the StepContext,
+the writer, a slower plain part).
+
+Then the same split by kind of step: for the hooked arm's keep steps (only logit_split and
+head_split due), its periodic steps (update_share or param_split due) and the first steps after a
+flush, the median step time, the median time in the runner's calls, and the rest of the step
+against a plain step: what the hooks cost a step outside their own calls.
+
+A timer costs itself about half a microsecond a call (printed); the nested rows are inside their
+parents, so only the top-level rows add up.
+
+Section ``keep-forms`` (``--sections parts,keep-forms``): what a step pays for each way of keeping
+its small tensors for later (ids, labels, student and teacher logits, logit gradient, sample
+weights: what logit_split keeps), with a stand-in runner whose ``keep`` only does that: ``noop``
+(the keep path's calls, nothing kept), ``refs`` (references in a list, as ``DeferredRows`` does),
+``copy`` (each tensor copied into a buffer made once per epoch), ``cat`` (one ``torch.cat(out=)``
+for the float tensors and one ``torch.stack(out=)`` for the ids and labels).
+
+    BAN_DATA=../shared/data python benchmarks/bench_hook_parts.py [--threads 1] [--rounds 4] [--sections parts]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import statistics
+import time
+
+import torch
+
+from bench_train import PAIRED_BLOCK, PAIRED_SLICE, STUDY_HOOKS, cpu_name
+from ban_analysis.config import TrainConfig
+from ban_analysis.data import iterate_batches, load_dataset
+from ban_analysis.engine.chain import freeze
+from ban_analysis.engine.loop import build_model, make_optimizer, predict
+from ban_analysis.engine.runs import HookWriter
+from ban_analysis.engine.step import train_step
+from ban_analysis.instrument import deferred, hooks, param_grads, runner
+from ban_analysis.losses import get_objective
+
+class _Proxy:
+    """A module seen through one attribute lookup, so that one module's calls of a torch function can be
+    timed without timing everyone's (an attribute set on the proxy shadows the module's)."""
+
+    def __init__(self, module) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+deferred.torch = _Proxy(torch)  # DeferredRows' torch.cat: the concatenation of the kept step tensors
+hooks.torch = _Proxy(torch)
+hooks.torch.linalg = _Proxy(torch.linalg)  # HeadSplit.gather's norm of the head input
+
+# (label, owner, attribute, depth): depth 0 are the runner's calls (they add up to the hooks' cost)
+PARTS = [
+    ("idle", runner.HookRunner, "idle", 0),
+    ("keeps_only", runner.HookRunner, "keeps_only", 0),
+    ("keep (410 of 430 steps: only logit_split + head_split due)", runner.HookRunner, "keep", 0),
+    ("logit_split gather", hooks.LogitSplit, "gather", 1),
+    ("head_split gather", hooks.HeadSplit, "gather", 1),
+    ("head input read from the logits' graph", hooks.HeadSplit, "_graph_input", 2),
+    ("norm of the head input (vector_norm)", hooks.torch.linalg, "vector_norm", 2),
+    ("capture", runner.HookRunner, "capture", 0),
+    ("run (the 20 steps where update_share or param_split is due)", runner.HookRunner, "run", 0),
+    ("update_share: the target term's backward", hooks.UpdateShare, "__call__", 1),
+    ("param_split: set-up", hooks.ParamSplit, "__call__", 1),
+    ("after_backward", runner.HookRunner, "after_backward", 0),
+    ("update_share after_backward", hooks.UpdateShare, "after_backward", 1),
+    ("update_share_stats", param_grads, "update_share_stats", 2),
+    ("param_split after_backward", hooks.ParamSplit, "after_backward", 1),
+    ("after_step", runner.HookRunner, "after_step", 0),
+    ("flush (once an epoch)", runner.HookRunner, "flush", 0),
+    ("torch.cat of the kept step tensors", deferred.torch, "cat", 2),
+    ("compute_group (select the rows, compute, to CPU)", deferred.DeferredRows, "_compute_group", 1),
+    ("logit_split compute", hooks.LogitSplit, "compute", 2),
+    ("head_split compute", hooks.HeadSplit, "compute", 2),
+    ("HookWriter.add", HookWriter, "add", 0),
+]
+
+WRITER = "HookWriter.add"  # the run writer's in-memory part: in the arm's time, not a runner call
+spent: dict[str, list[float]] = collections.defaultdict(list)  # label -> seconds of each call
+timing = [False]  # only the hooked arm's calls are counted
+in_calls = [0.0]  # seconds in the runner's top-level calls during the current step
+
+
+def wrap(label: str, owner, attr: str, top: bool) -> None:
+    original = getattr(owner, attr)
+
+    @functools.wraps(original)
+    def timed(*args, **kwargs):
+        if not timing[0]:
+            return original(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            took = time.perf_counter() - start
+            spent[label].append(took)
+            if top:
+                in_calls[0] += took
+
+    setattr(owner, attr, timed)
+
+
+def timer_cost(n: int = 20000) -> float:
+    """Seconds a wrapper adds to one call (an empty method, wrapped against bare)."""
+    class Empty:
+        def f(self):
+            return None
+
+    bare = min(_loop(Empty().f, n) for _ in range(3))
+    wrap("(timer)", Empty, "f", top=False)
+    timing[0] = True
+    wrapped = min(_loop(Empty().f, n) for _ in range(3))
+    timing[0] = False
+    spent.pop("(timer)", None)
+    return (wrapped - bare) / n
+
+
+def _loop(f, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        f()
+    return time.perf_counter() - start
+
+
+class Setting:
+    """The quick experiment's MLP, a teacher's cached logits and a stream of batches (as ``paired``)."""
+
+    def __init__(self) -> None:
+        self.bundle = bundle = load_dataset("fashion_mnist", val_size=5000)
+        self.cfg = TrainConfig(lr=0.05, schedule="constant")
+        teacher = freeze(build_model("mlp", {"widths": [256, 256]}, bundle, seed=0, gen=0))
+        self.teacher_logits = predict(teacher, bundle.train, bundle, 1024)
+        self.row_of = torch.full((int(bundle.train.index.max()) + 1,), -1, dtype=torch.long)
+        self.row_of[bundle.train.index] = torch.arange(len(bundle.train.index))
+        self.objective = get_objective("ban")
+        self.model = build_model("mlp", {"widths": [256, 256]}, bundle, seed=0, gen=1)
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        g = torch.Generator().manual_seed(0)
+
+        def batches():
+            while True:
+                yield from iterate_batches(bundle.train, self.cfg.batch_size, shuffle=True, generator=g,
+                                           augment="none", mean=bundle.mean, std=bundle.std)
+
+        self.source = batches()
+
+    def step(self, x, y, index, runner_, step: int):
+        return train_step(self.model, self.objective, x, y, self.optimizer,
+                          teacher_logits=self.teacher_logits[self.row_of[index]], hooks=runner_, step=step,
+                          gen=1, epoch=0, sample_index=index)
+
+
+def interleaved(setting: Setting, arms: dict, rounds: int, on_step=None) -> dict[str, list[float]]:
+    """Seconds per one-epoch block, per arm; the arms take turns in 43-step slices (rotating order).
+    ``on_step(arm, step, seconds, result)`` sees each measured step; the runner's ``flush`` ends a block."""
+    writer = HookWriter(None, 1)
+    steps = dict.fromkeys(arms, 0)
+    blocks = {arm: [] for arm in arms}
+    names = list(arms)
+    for r in range(rounds + 1):  # round 0 warms up
+        chunk = [next(setting.source) for _ in range(PAIRED_BLOCK)]
+        took = dict.fromkeys(arms, 0.0)
+        if r == 1:
+            spent.clear()
+        for k, lo in enumerate(range(0, PAIRED_BLOCK, PAIRED_SLICE)):
+            shift = (r + k) % len(names)
+            for arm in names[shift:] + names[:shift]:
+                hooks_of_arm = arms[arm]
+                timing[0] = isinstance(hooks_of_arm, runner.HookRunner)
+                start = time.perf_counter()
+                for x, y, index in chunk[lo:lo + PAIRED_SLICE]:
+                    step = steps[arm]
+                    steps[arm] += 1
+                    in_calls[0], began = 0.0, time.perf_counter()
+                    res = setting.step(x, y, index, hooks_of_arm, step)
+                    if res.hook_rows:
+                        writer.add(0, step, res.hook_rows)
+                    if r and on_step is not None:
+                        on_step(arm, step, time.perf_counter() - began, res)
+                if hooks_of_arm is not None and lo + PAIRED_SLICE >= PAIRED_BLOCK:
+                    rows = hooks_of_arm.flush()  # the epoch's end
+                    if rows:
+                        writer.add(0, step, rows)
+                took[arm] += time.perf_counter() - start
+                timing[0] = False
+        writer._buffers.clear()
+        if r:
+            for arm in arms:
+                blocks[arm].append(took[arm])
+    return blocks
+
+
+def overhead(blocks: dict, arm: str) -> float:
+    """The median block ratio of ``arm`` over ``plain``, minus 1."""
+    return statistics.median(a / b for a, b in zip(blocks[arm], blocks["plain"])) - 1
+
+
+def parts(setting: Setting, rounds: int, per_timer: float) -> None:
+    hook_runner = runner.HookRunner(STUDY_HOOKS, seed=0, train_size=len(setting.bundle.train.index),
+                                    train_index=setting.bundle.train.index, fuse_backward=True, defer=True)
+    every = {name: r.every_n_steps for name, r in hook_runner.hooks.items() if r.every_n_steps > 1}
+    by_kind = collections.defaultdict(list)  # kind of step -> (seconds, seconds in the runner's calls)
+
+    def on_step(arm, step, seconds, res):
+        if arm == "plain":
+            kind = "plain step (the plain arm)"
+        elif step % PAIRED_BLOCK < 5:
+            kind = "the first 5 steps after a flush"
+        elif any(step % n == 0 for n in every.values()):
+            kind = "periodic (" + " or ".join(every) + " due)"
+        else:
+            kind = "keep (only logit_split + head_split due)"
+        by_kind[kind].append((seconds, in_calls[0]))
+
+    blocks = interleaved(setting, {"plain": None, "deferred": hook_runner}, rounds, on_step)
+    plain_us = 1e6 * statistics.median(blocks["plain"]) / PAIRED_BLOCK
+    excess_us = overhead(blocks, "deferred") * plain_us
+    n_steps = rounds * PAIRED_BLOCK
+    print(f"\nplain step {plain_us:.0f} us (median of {rounds} one-epoch blocks); the hooked arm: "
+          f"{100 * overhead(blocks, 'deferred'):+.1f}% (median block ratio) = {excess_us:+.0f} us a step; "
+          f"a timer adds {1e6 * per_timer:.2f} us a call\n")
+    print("| part | calls an epoch | us a call (median) | us a step (averaged) | share of the plain step |")
+    print("|---|---|---|---|---|")
+    top = 0.0
+    for label, _, _, depth in PARTS:
+        calls = spent.get(label, [])
+        if not calls:
+            continue
+        per_step = 1e6 * sum(calls) / n_steps
+        top += per_step if depth == 0 else 0.0
+        name = "&nbsp;&nbsp;" * 2 * depth + ("- " if depth else "") + label
+        print(f"| {name} | {len(calls) / rounds:.0f} | {1e6 * statistics.median(calls):.1f} | {per_step:.1f} | "
+              f"{100 * per_step / plain_us:.2f}% |")
+    print(f"| **the runner's calls and the writer, together** | | | **{top:.0f}** | **{100 * top / plain_us:.1f}%** |")
+    print(f"| the hooked arm's measured excess (median block ratio) | | | {excess_us:.0f} | "
+          f"{100 * excess_us / plain_us:.1f}% |")
+    plain_step = statistics.median(s for s, _ in by_kind["plain step (the plain arm)"])
+    print("\n| kind of step | steps | median step, us | median in the runner's calls, us | "
+          "median of the rest, us | the rest over a plain step, us |")
+    print("|---|---|---|---|---|---|")
+    for kind, rows in sorted(by_kind.items()):
+        rest = statistics.median(s - c for s, c in rows)
+        print(f"| {kind} | {len(rows)} | {1e6 * statistics.median(s for s, _ in rows):.0f} | "
+              f"{1e6 * statistics.median(c for _, c in rows):.0f} | {1e6 * rest:.0f} | {1e6 * (rest - plain_step):+.0f} |")
+
+
+class KeepOnly:
+    """A stand-in runner whose every step is a keep step that keeps logit_split's tensors in one way."""
+
+    def __init__(self, form: str) -> None:
+        self.form, self.kept, self.buffers, self.at = form, [], None, 0
+
+    def idle(self, step):
+        return False
+
+    def keeps_only(self, step, model):
+        return True
+
+    def keep(self, ctx):
+        out = ctx.out
+        tensors = (ctx.sample_index, ctx.target, ctx.student_logits.detach(), out.logit_grad,
+                   out.sample_weight, ctx.teacher_logits)
+        n = tensors[0].shape[0]
+        if self.form == "refs":
+            self.kept.append(tensors)
+        elif self.form == "copy":
+            if self.buffers is None:
+                self.buffers = [torch.empty((PAIRED_BLOCK * n, *t.shape[1:]), dtype=t.dtype) for t in tensors]
+            for buffer, t in zip(self.buffers, tensors):
+                buffer[self.at:self.at + n].copy_(t)
+        elif self.form == "cat":
+            if self.buffers is None:
+                width = sum(t.shape[1] for t in tensors[2:4]) + tensors[5].shape[1] + 1
+                self.buffers = [torch.empty((PAIRED_BLOCK * n, width)),
+                                torch.empty((PAIRED_BLOCK * n, 2), dtype=torch.long)]
+            torch.cat([tensors[2], tensors[3], tensors[5], tensors[4].unsqueeze(1)], dim=1,
+                      out=self.buffers[0][self.at:self.at + n])
+            torch.stack([tensors[0], tensors[1]], dim=1, out=self.buffers[1][self.at:self.at + n])
+        self.at += n
+        return {}
+
+    def flush(self):
+        self.kept, self.at = [], 0
+        return {}
+
+
+def keep_forms(setting: Setting, rounds: int) -> None:
+    arms = {"plain": None, "plain (again)": None, **{form: KeepOnly(form) for form in ("noop", "refs", "copy", "cat")}}
+    blocks = interleaved(setting, arms, rounds)
+    plain_us = 1e6 * statistics.median(blocks["plain"]) / PAIRED_BLOCK
+    print(f"\nWays of keeping a step's small tensors (plain step {plain_us:.0f} us; median block ratio over "
+          f"{rounds} one-epoch blocks)\n")
+    print("| arm | over a plain step | us a step |")
+    print("|---|---|---|")
+    for arm in arms:
+        ratio = overhead(blocks, arm)
+        print(f"| {arm} | {100 * ratio:+.1f}% | {ratio * plain_us:+.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (2: the default here; 1: a Ray worker)")
+    parser.add_argument("--rounds", type=int, default=4, help="measured one-epoch blocks per arm (after one warm-up)")
+    parser.add_argument("--sections", default="parts,keep-forms", help="comma-separated: parts, keep-forms")
+    args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    unknown = sections - {"parts", "keep-forms"}
+    if unknown:
+        parser.error(f"unknown section(s) {sorted(unknown)}; choose from parts, keep-forms")
+    torch.set_num_threads(args.threads)
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.1f}")
+    per_timer = timer_cost()
+    for label, owner, attr, depth in PARTS:
+        wrap(label, owner, attr, top=depth == 0 and label != WRITER)
+    setting = Setting()
+    if "parts" in sections:
+        parts(setting, args.rounds, per_timer)
+    if "keep-forms" in sections:
+        keep_forms(setting, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
