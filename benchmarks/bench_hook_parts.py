@@ -51,6 +51,7 @@ from ban_analysis.engine.step import train_step
 from ban_analysis.instrument import deferred, hooks, param_grads, runner
 from ban_analysis.losses import get_objective
 
+
 class _Proxy:
     """A module seen through one attribute lookup, so that one module's calls of a torch function can be
     timed without timing everyone's (an attribute set on the proxy shadows the module's)."""
@@ -62,36 +63,41 @@ class _Proxy:
         return getattr(self._module, name)
 
 
-deferred.torch = _Proxy(torch)  # DeferredRows' torch.cat: the concatenation of the kept step tensors
-hooks.torch = _Proxy(torch)
-hooks.torch.linalg = _Proxy(torch.linalg)  # HeadSplit.gather's norm of the head input
+def parts_to_time() -> list[tuple[str, object, str, int]]:
+    """(label, owner, attribute, depth) of the parts; depth 0 are the runner's calls (they add up to the
+    hooks' cost), the others are inside them. The parts :func:`main` wraps in timers. Installs the proxies first (so importing this script
+    changes nothing): DeferredRows' ``torch.cat`` and HeadSplit's ``torch.linalg.vector_norm`` are then
+    looked up on them, and only those modules' calls are timed."""
+    deferred.torch = _Proxy(torch)  # DeferredRows' torch.cat: the concatenation of the kept step tensors
+    hooks.torch = _Proxy(torch)
+    hooks.torch.linalg = _Proxy(torch.linalg)  # HeadSplit.gather's norm of the head input
+    return [
+        ("idle", runner.HookRunner, "idle", 0),
+        ("keeps_only", runner.HookRunner, "keeps_only", 0),
+        ("keep (410 of 430 steps: only logit_split + head_split due)", runner.HookRunner, "keep", 0),
+        ("logit_split gather", hooks.LogitSplit, "gather", 1),
+        ("head_split gather", hooks.HeadSplit, "gather", 1),
+        ("head input read from the logits' graph", hooks.HeadSplit, "_graph_input", 2),
+        ("norm of the head input (vector_norm)", hooks.torch.linalg, "vector_norm", 2),
+        ("capture", runner.HookRunner, "capture", 0),
+        ("run (the 20 steps where update_share or param_split is due)", runner.HookRunner, "run", 0),
+        ("update_share: the target term's backward", hooks.UpdateShare, "__call__", 1),
+        ("param_split: set-up", hooks.ParamSplit, "__call__", 1),
+        ("after_backward", runner.HookRunner, "after_backward", 0),
+        ("update_share after_backward", hooks.UpdateShare, "after_backward", 1),
+        ("update_share_stats", param_grads, "update_share_stats", 2),
+        ("param_split after_backward", hooks.ParamSplit, "after_backward", 1),
+        ("after_step", runner.HookRunner, "after_step", 0),
+        ("flush (once an epoch)", runner.HookRunner, "flush", 0),
+        ("compute_group (select the rows, compute, to CPU)", deferred.DeferredRows, "_compute_group", 1),
+        ("torch.cat of the kept step tensors", deferred.torch, "cat", 2),
+        ("logit_split compute", hooks.LogitSplit, "compute", 2),
+        ("head_split compute", hooks.HeadSplit, "compute", 2),
+        ("HookWriter.add", HookWriter, "add", 0),
+    ]
 
-# (label, owner, attribute, depth): depth 0 are the runner's calls (they add up to the hooks' cost)
-PARTS = [
-    ("idle", runner.HookRunner, "idle", 0),
-    ("keeps_only", runner.HookRunner, "keeps_only", 0),
-    ("keep (410 of 430 steps: only logit_split + head_split due)", runner.HookRunner, "keep", 0),
-    ("logit_split gather", hooks.LogitSplit, "gather", 1),
-    ("head_split gather", hooks.HeadSplit, "gather", 1),
-    ("head input read from the logits' graph", hooks.HeadSplit, "_graph_input", 2),
-    ("norm of the head input (vector_norm)", hooks.torch.linalg, "vector_norm", 2),
-    ("capture", runner.HookRunner, "capture", 0),
-    ("run (the 20 steps where update_share or param_split is due)", runner.HookRunner, "run", 0),
-    ("update_share: the target term's backward", hooks.UpdateShare, "__call__", 1),
-    ("param_split: set-up", hooks.ParamSplit, "__call__", 1),
-    ("after_backward", runner.HookRunner, "after_backward", 0),
-    ("update_share after_backward", hooks.UpdateShare, "after_backward", 1),
-    ("update_share_stats", param_grads, "update_share_stats", 2),
-    ("param_split after_backward", hooks.ParamSplit, "after_backward", 1),
-    ("after_step", runner.HookRunner, "after_step", 0),
-    ("flush (once an epoch)", runner.HookRunner, "flush", 0),
-    ("compute_group (select the rows, compute, to CPU)", deferred.DeferredRows, "_compute_group", 1),
-    ("torch.cat of the kept step tensors", deferred.torch, "cat", 2),
-    ("logit_split compute", hooks.LogitSplit, "compute", 2),
-    ("head_split compute", hooks.HeadSplit, "compute", 2),
-    ("HookWriter.add", HookWriter, "add", 0),
-]
 
+PARTS: list = []  # filled by main (parts_to_time)
 WRITER = "HookWriter.add"  # the run writer's in-memory part: in the arm's time, not a runner call
 spent: dict[str, list[float]] = collections.defaultdict(list)  # label -> seconds of each call
 timing = [False]  # only the hooked arm's calls are counted
@@ -328,6 +334,7 @@ def main() -> None:
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
           f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.1f}")
     per_timer = timer_cost()
+    PARTS[:] = parts_to_time()
     for label, owner, attr, depth in PARTS:
         wrap(label, owner, attr, top=depth == 0 and label != WRITER)
     setting = Setting()
