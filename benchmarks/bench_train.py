@@ -152,10 +152,8 @@ def paired_hooks(bundle, arch, params, rounds: int, block: int = PAIRED_BLOCK,
 
 
 def median_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
-    """(low, high, coverage): the narrowest interval between order statistics that holds the median of
-    the blocks' distribution with probability >= ``confidence`` (distribution-free: the count of blocks
-    below the median is Binomial(n, 1/2)); with 8 blocks that is min to max, 99.2%. NaN where n is too
-    small (n < 6 at 95%)."""
+    """(low, high, coverage): the narrowest order-statistic interval holding the blocks' median with
+    probability >= ``confidence`` (blocks below it: Binomial(n, 1/2)); NaN for n < 6 at 95%."""
     from scipy.stats import binom
 
     x, n = sorted(values), len(values)
