@@ -1,10 +1,9 @@
 """Where the study hook set's time goes, phase by phase, on the quick experiment's MLP.
 
 ``bench_train.py --sections paired`` gives the study hook set's overhead as one number; this script
-says which calls it is made of. Two arms train one shared model (as in ``paired``: a model copy per
-arm ran up to 9% faster or slower), taking turns in 43-step slices of one-epoch blocks (430 steps
-of Fashion-MNIST at batch 128): ``plain`` (no hooks) and ``deferred`` (the study hook set of
-``bench_train.STUDY_HOOKS``, fused backward, deferred per-sample statistics, as ``run_chain`` runs
+says which calls it is made of. It uses ``paired``'s measurement (``paired.paired_hooks``: one shared
+model, 43-step slices of one-epoch blocks) with two arms: ``plain`` (no hooks) and ``deferred`` (the
+study hook set of ``paired.STUDY_HOOKS``, fused backward, deferred per-sample statistics, as ``run_chain`` runs
 it, rows handed to an in-memory ``HookWriter`` and ``flush()`` at each block's end). In the hooked
 arm every ``HookRunner`` call, and the hooks' pieces inside them, is wrapped in a timer. Printed:
 per part, calls per epoch, the median microseconds a call, the microseconds a step averaged over
@@ -17,8 +16,8 @@ head_split due), its periodic steps (update_share or param_split due) and the fi
 flush, the median step time, the median time in the runner's calls, and the rest of the step
 against a plain step: what the hooks cost a step outside their own calls.
 
-A timer costs itself about half a microsecond a call (printed); the nested rows are inside their
-parents, so only the top-level rows add up.
+A timer costs itself a fraction of a microsecond a call (0.2-0.5 us here, 2026-12-02; printed); the
+nested rows are inside their parents, so only the top-level rows add up.
 
 Section ``keep-forms`` (``--sections parts,keep-forms``): what a step pays for each way of keeping
 its small tensors for later (ids, labels, student and teacher logits, logit gradient, sample
@@ -41,15 +40,11 @@ import time
 
 import torch
 
-from bench_train import PAIRED_BLOCK, PAIRED_SLICE, STUDY_HOOKS, cpu_name
-from ban_analysis.config import TrainConfig
-from ban_analysis.data import iterate_batches, load_dataset
-from ban_analysis.engine.chain import freeze
-from ban_analysis.engine.loop import build_model, make_optimizer, predict
+from bench_train import cpu_name
+from paired import PAIRED_BLOCK, STUDY_HOOKS, paired_hooks
+from ban_analysis.data import load_dataset
 from ban_analysis.engine.runs import HookWriter
-from ban_analysis.engine.step import train_step
 from ban_analysis.instrument import deferred, hooks, param_grads, runner
-from ban_analysis.losses import get_objective
 
 
 class _Proxy:
@@ -74,13 +69,13 @@ def parts_to_time() -> list[tuple[str, object, str, int]]:
     return [
         ("idle", runner.HookRunner, "idle", 0),
         ("keeps_only", runner.HookRunner, "keeps_only", 0),
-        ("keep (410 of 430 steps: only logit_split + head_split due)", runner.HookRunner, "keep", 0),
+        ("keep (the steps where only logit_split + head_split are due)", runner.HookRunner, "keep", 0),
         ("logit_split gather", hooks.LogitSplit, "gather", 1),
         ("head_split gather", hooks.HeadSplit, "gather", 1),
         ("head input read from the logits' graph", hooks.HeadSplit, "_graph_input", 2),
         ("norm of the head input (vector_norm)", hooks.torch.linalg, "vector_norm", 2),
         ("capture", runner.HookRunner, "capture", 0),
-        ("run (the 20 steps where update_share or param_split is due)", runner.HookRunner, "run", 0),
+        ("run (the 17-18 steps an epoch where update_share or param_split is due)", runner.HookRunner, "run", 0),
         ("update_share: the target term's backward", hooks.UpdateShare, "__call__", 1),
         ("param_split: set-up", hooks.ParamSplit, "__call__", 1),
         ("after_backward", runner.HookRunner, "after_backward", 0),
@@ -88,7 +83,7 @@ def parts_to_time() -> list[tuple[str, object, str, int]]:
         ("update_share_stats", param_grads, "update_share_stats", 2),
         ("param_split after_backward", hooks.ParamSplit, "after_backward", 1),
         ("after_step", runner.HookRunner, "after_step", 0),
-        ("flush (once an epoch)", runner.HookRunner, "flush", 0),
+        (FLUSH, runner.HookRunner, "flush", 0),
         ("compute_group (select the rows, compute, to CPU)", deferred.DeferredRows, "_compute_group", 1),
         ("torch.cat of the kept step tensors", deferred.torch, "cat", 2),
         ("logit_split compute", hooks.LogitSplit, "compute", 2),
@@ -98,26 +93,26 @@ def parts_to_time() -> list[tuple[str, object, str, int]]:
 
 
 PARTS: list = []  # filled by main (parts_to_time)
-WRITER = "HookWriter.add"  # the run writer's in-memory part: in the arm's time, not a runner call
+WRITER, FLUSH = "HookWriter.add", "flush (once an epoch)"
 spent: dict[str, list[float]] = collections.defaultdict(list)  # label -> seconds of each call
-timing = [False]  # only the hooked arm's calls are counted
-in_calls = [0.0]  # seconds in the runner's top-level calls during the current step
+in_calls = [0.0]  # seconds in the runner's calls made within steps (so not flush), all steps so far
 
 
-def wrap(label: str, owner, attr: str, top: bool) -> None:
+def wrap(label: str, owner, attr: str, in_step: bool) -> None:
+    """Time each call of ``owner.attr`` into ``spent[label]`` (and ``in_calls`` if ``in_step``). Only
+    the hooked arm calls what is wrapped: a plain step calls no hook runner, and hands no rows to the
+    writer."""
     original = getattr(owner, attr)
 
     @functools.wraps(original)
     def timed(*args, **kwargs):
-        if not timing[0]:
-            return original(*args, **kwargs)
         start = time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
             took = time.perf_counter() - start
             spent[label].append(took)
-            if top:
+            if in_step:
                 in_calls[0] += took
 
     setattr(owner, attr, timed)
@@ -130,10 +125,8 @@ def timer_cost(n: int = 20000) -> float:
             return None
 
     bare = min(_loop(Empty().f, n) for _ in range(3))
-    wrap("(timer)", Empty, "f", top=False)
-    timing[0] = True
+    wrap("(timer)", Empty, "f", in_step=False)
     wrapped = min(_loop(Empty().f, n) for _ in range(3))
-    timing[0] = False
     spent.pop("(timer)", None)
     return (wrapped - bare) / n
 
@@ -145,72 +138,13 @@ def _loop(f, n: int) -> float:
     return time.perf_counter() - start
 
 
-class Setting:
-    """The quick experiment's MLP, a teacher's cached logits and a stream of batches (as ``paired``)."""
-
-    def __init__(self) -> None:
-        self.bundle = bundle = load_dataset("fashion_mnist", val_size=5000)
-        self.cfg = TrainConfig(lr=0.05, schedule="constant")
-        teacher = freeze(build_model("mlp", {"widths": [256, 256]}, bundle, seed=0, gen=0))
-        self.teacher_logits = predict(teacher, bundle.train, bundle, 1024)
-        self.row_of = torch.full((int(bundle.train.index.max()) + 1,), -1, dtype=torch.long)
-        self.row_of[bundle.train.index] = torch.arange(len(bundle.train.index))
-        self.objective = get_objective("ban")
-        self.model = build_model("mlp", {"widths": [256, 256]}, bundle, seed=0, gen=1)
-        self.optimizer = make_optimizer(self.model, self.cfg)
-        g = torch.Generator().manual_seed(0)
-
-        def batches():
-            while True:
-                yield from iterate_batches(bundle.train, self.cfg.batch_size, shuffle=True, generator=g,
-                                           augment="none", mean=bundle.mean, std=bundle.std)
-
-        self.source = batches()
-
-    def step(self, x, y, index, runner_, step: int):
-        return train_step(self.model, self.objective, x, y, self.optimizer,
-                          teacher_logits=self.teacher_logits[self.row_of[index]], hooks=runner_, step=step,
-                          gen=1, epoch=0, sample_index=index)
+def clear_at_first_measured_round(r: int) -> None:
+    if r == 1:  # the warm-up round's calls are not counted
+        spent.clear()
 
 
-def interleaved(setting: Setting, arms: dict, rounds: int, on_step=None) -> dict[str, list[float]]:
-    """Seconds per one-epoch block, per arm; the arms take turns in 43-step slices (rotating order).
-    ``on_step(arm, step, seconds, result)`` sees each measured step; the runner's ``flush`` ends a block."""
-    writer = HookWriter(None, 1)
-    steps = dict.fromkeys(arms, 0)
-    blocks = {arm: [] for arm in arms}
-    names = list(arms)
-    for r in range(rounds + 1):  # round 0 warms up
-        chunk = [next(setting.source) for _ in range(PAIRED_BLOCK)]
-        took = dict.fromkeys(arms, 0.0)
-        if r == 1:
-            spent.clear()
-        for k, lo in enumerate(range(0, PAIRED_BLOCK, PAIRED_SLICE)):
-            shift = (r + k) % len(names)
-            for arm in names[shift:] + names[:shift]:
-                hooks_of_arm = arms[arm]
-                timing[0] = isinstance(hooks_of_arm, runner.HookRunner)
-                start = time.perf_counter()
-                for x, y, index in chunk[lo:lo + PAIRED_SLICE]:
-                    step = steps[arm]
-                    steps[arm] += 1
-                    in_calls[0], began = 0.0, time.perf_counter()
-                    res = setting.step(x, y, index, hooks_of_arm, step)
-                    if res.hook_rows:
-                        writer.add(0, step, res.hook_rows)
-                    if r and on_step is not None:
-                        on_step(arm, step, time.perf_counter() - began, res)
-                if hooks_of_arm is not None and lo + PAIRED_SLICE >= PAIRED_BLOCK:
-                    rows = hooks_of_arm.flush()  # the epoch's end
-                    if rows:
-                        writer.add(0, step, rows)
-                took[arm] += time.perf_counter() - start
-                timing[0] = False
-        writer._buffers.clear()
-        if r:
-            for arm in arms:
-                blocks[arm].append(took[arm])
-    return blocks
+def wall_blocks(times: dict) -> dict[str, list[float]]:
+    return {arm: [wall for wall, _ in t] for arm, t in times.items()}
 
 
 def overhead(blocks: dict, arm: str) -> float:
@@ -218,13 +152,17 @@ def overhead(blocks: dict, arm: str) -> float:
     return statistics.median(a / b for a, b in zip(blocks[arm], blocks["plain"])) - 1
 
 
-def parts(setting: Setting, rounds: int, per_timer: float) -> None:
-    hook_runner = runner.HookRunner(STUDY_HOOKS, seed=0, train_size=len(setting.bundle.train.index),
-                                    train_index=setting.bundle.train.index, fuse_backward=True, defer=True)
+def parts(bundle, rounds: int, per_timer: float) -> None:
+    hook_runner = runner.HookRunner(STUDY_HOOKS, seed=0, train_size=len(bundle.train.index),
+                                    train_index=bundle.train.index, fuse_backward=True, defer=True)
     every = {name: r.every_n_steps for name, r in hook_runner.hooks.items() if r.every_n_steps > 1}
     by_kind = collections.defaultdict(list)  # kind of step -> (seconds, seconds in the runner's calls)
+    seen = [0.0]  # in_calls after the previous step
 
-    def on_step(arm, step, seconds, res):
+    def on_step(arm, r, step, seconds, res):
+        calls, seen[0] = in_calls[0] - seen[0], in_calls[0]
+        if not r:
+            return
         if arm == "plain":
             kind = "plain step (the plain arm)"
         elif step % PAIRED_BLOCK < 5:
@@ -233,9 +171,11 @@ def parts(setting: Setting, rounds: int, per_timer: float) -> None:
             kind = "periodic (" + " or ".join(every) + " due)"
         else:
             kind = "keep (only logit_split + head_split due)"
-        by_kind[kind].append((seconds, in_calls[0]))
+        by_kind[kind].append((seconds, calls))
 
-    blocks = interleaved(setting, {"plain": None, "deferred": hook_runner}, rounds, on_step)
+    blocks = wall_blocks(paired_hooks(bundle, "mlp", {"widths": [256, 256]}, rounds,
+                                      arms={"plain": None, "deferred": hook_runner}, on_step=on_step,
+                                      on_round=clear_at_first_measured_round))
     plain_us = 1e6 * statistics.median(blocks["plain"]) / PAIRED_BLOCK
     excess_us = overhead(blocks, "deferred") * plain_us
     n_steps = rounds * PAIRED_BLOCK
@@ -307,9 +247,9 @@ class KeepOnly:
         return {}
 
 
-def keep_forms(setting: Setting, rounds: int) -> None:
+def keep_forms(bundle, rounds: int) -> None:
     arms = {"plain": None, "plain (again)": None, **{form: KeepOnly(form) for form in ("noop", "refs", "copy", "cat")}}
-    blocks = interleaved(setting, arms, rounds)
+    blocks = wall_blocks(paired_hooks(bundle, "mlp", {"widths": [256, 256]}, rounds, arms=arms))
     plain_us = 1e6 * statistics.median(blocks["plain"]) / PAIRED_BLOCK
     print(f"\nWays of keeping a step's small tensors (plain step {plain_us:.0f} us; median block ratio over "
           f"{rounds} one-epoch blocks)\n")
@@ -336,12 +276,12 @@ def main() -> None:
     per_timer = timer_cost()
     PARTS[:] = parts_to_time()
     for label, owner, attr, depth in PARTS:
-        wrap(label, owner, attr, top=depth == 0 and label != WRITER)
-    setting = Setting()
+        wrap(label, owner, attr, in_step=depth == 0 and label not in (WRITER, FLUSH))
+    bundle = load_dataset("fashion_mnist", val_size=5000)
     if "parts" in sections:
-        parts(setting, args.rounds, per_timer)
+        parts(bundle, args.rounds, per_timer)
     if "keep-forms" in sections:
-        keep_forms(setting, args.rounds)
+        keep_forms(bundle, args.rounds)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from ban_analysis.data import load_dataset
 from ban_analysis.losses import get_objective
 from ban_analysis.engine.chain import freeze
 from ban_analysis.engine.loop import build_model, train_generation
+from paired import PAIRED_BLOCK, PAIRED_SLICE, STUDY_HOOKS, median_ci, paired_hooks
 
 SETTINGS = {
     # name: (dataset, train_subset, arch, params, augment)
@@ -55,113 +56,6 @@ def cpu_name() -> str:
         return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
     except (OSError, StopIteration):
         return platform.processor() or "unknown"
-
-
-# the hook set the study configs use (experiments/study_fmnist_mlp.toml): logit_split and head_split
-# on a fixed 5,000-sample subset every step, update_share every 25 steps, param_split every 50
-STUDY_HOOKS = {"logit_split": {"every_n_steps": 1, "samples": 5000},
-               "head_split": {"every_n_steps": 1, "samples": 5000},
-               "update_share": {"every_n_steps": 25},
-               "param_split": {"every_n_steps": 50, "samples": 32, "mode": "contribution"}}
-PAIRED_BLOCK = 430  # steps of one Fashion-MNIST epoch at batch 128 (55,000 training images)
-PAIRED_SLICE = 43  # steps an arm runs before the next arm's turn (a tenth of an epoch)
-
-
-def paired_hooks(bundle, arch, params, rounds: int, block: int = PAIRED_BLOCK,
-                 slice_steps: int = PAIRED_SLICE) -> dict[str, list[tuple[float, float]]]:
-    """(wall, CPU) seconds per block of ``block`` BAN steps, one list per arm, interleaved in one process.
-
-    Arms: ``plain`` (no hooks), ``plain (again)`` (the same, a second time: its ratio to ``plain``
-    is this run's noise floor), ``immediate`` (the study hook set, columns computed at each step)
-    and, where the runner supports it, ``deferred`` (``HookRunner(defer=True)``, what ``run_chain``
-    uses: per-sample statistics computed in one call over the buffered rows).
-
-    All arms train one model with one optimizer, so they differ in the hook runner only. With a
-    model copy per arm, two plain arms differed by up to 9% in one run (median block ratios 0.908
-    to 1.038 over three runs, 2026-12-02, AMD EPYC; why a copy runs faster or slower was not
-    found). A block is one epoch's worth of steps (430 at batch 128 on Fashion-MNIST's 55,000
-    training images), which each arm runs in slices of ``slice_steps`` taking turns in a rotating
-    order, so drift in the machine's speed falls on all arms alike (two plain arms: 0.980 to
-    1.010). Each arm counts its own steps, so its runner sees an epoch's consecutive steps, as in a
-    run. A hooked arm's block includes handing the rows to a ``HookWriter`` (in memory; no
-    Parquet) and, at the block's end, ``hooks.flush()``, as ``train_generation`` does at an epoch's
-    end. Teacher logits are cached, as ``augment = "none"`` does.
-    """
-    import inspect
-
-    from ban_analysis.data import iterate_batches
-    from ban_analysis.engine.loop import make_optimizer, predict
-    from ban_analysis.engine.runs import HookWriter
-    from ban_analysis.engine.step import train_step
-    from ban_analysis.instrument.hooks import HookRunner
-
-    cfg = TrainConfig(lr=0.05, schedule="constant")
-    teacher = freeze(build_model(arch, params, bundle, seed=0, gen=0))
-    teacher_logits = predict(teacher, bundle.train, bundle, 1024)
-    row_of = torch.full((int(bundle.train.index.max()) + 1,), -1, dtype=torch.long)
-    row_of[bundle.train.index] = torch.arange(len(bundle.train.index))
-    objective = get_objective("ban")
-    can_defer = "defer" in inspect.signature(HookRunner).parameters
-    arms = ["plain", "plain (again)", "immediate"] + (["deferred"] if can_defer else [])
-    model = build_model(arch, params, bundle, seed=0, gen=1)
-    optimizer = make_optimizer(model, cfg)
-    runners = {}
-    for arm in arms:
-        runners[arm] = None
-        if arm in ("immediate", "deferred"):
-            kwargs = {"defer": arm == "deferred"} if can_defer else {}
-            runners[arm] = HookRunner(STUDY_HOOKS, seed=0, train_size=len(bundle.train.index),
-                                      train_index=bundle.train.index, fuse_backward=True, **kwargs)
-    writers = {arm: HookWriter(None, 1) for arm in arms}
-    steps = dict.fromkeys(arms, 0)
-    times = {arm: [] for arm in arms}
-    g = torch.Generator().manual_seed(0)
-
-    def batches():
-        while True:
-            yield from iterate_batches(bundle.train, cfg.batch_size, shuffle=True, generator=g, augment="none",
-                                       mean=bundle.mean, std=bundle.std)
-
-    source = batches()
-    for r in range(rounds + 1):  # round 0 warms up
-        chunk = [next(source) for _ in range(block)]
-        spent = {arm: [0.0, 0.0] for arm in arms}
-        for k, lo in enumerate(range(0, block, slice_steps)):
-            shift = (r + k) % len(arms)
-            for arm in arms[shift:] + arms[:shift]:
-                runner, writer = runners[arm], writers[arm]
-                start, cpu = time.perf_counter(), time.process_time()
-                for x, y, index in chunk[lo:lo + slice_steps]:
-                    step = steps[arm]
-                    steps[arm] += 1
-                    res = train_step(model, objective, x, y, optimizer, teacher_logits=teacher_logits[row_of[index]],
-                                     hooks=runner, step=step, gen=1, epoch=0, sample_index=index)
-                    if res.hook_rows:
-                        writer.add(0, step, res.hook_rows)
-                if lo + slice_steps >= block and runner is not None and hasattr(runner, "flush"):
-                    rows = runner.flush()  # the epoch's end
-                    if rows:
-                        writer.add(0, step, rows)
-                spent[arm][0] += time.perf_counter() - start
-                spent[arm][1] += time.process_time() - cpu
-        for arm in arms:
-            writers[arm]._buffers.clear()
-            if r:
-                times[arm].append(tuple(spent[arm]))
-    return times
-
-
-def median_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
-    """(low, high, coverage): the narrowest order-statistic interval holding the blocks' median with
-    probability >= ``confidence`` (blocks below it: Binomial(n, 1/2)); NaN for n < 6 at 95%."""
-    from scipy.stats import binom
-
-    x, n = sorted(values), len(values)
-    ranks = [k for k in range(1, n // 2 + 1) if 1 - 2 * binom.cdf(k - 1, n, 0.5) >= confidence]
-    if not ranks:
-        return float("nan"), float("nan"), float("nan")
-    k = max(ranks)
-    return x[k - 1], x[n - k], 1 - 2 * binom.cdf(k - 1, n, 0.5)
 
 
 def time_generation(bundle, arch, params, objective_name, teacher, epochs, augment, hooks=None,
@@ -316,17 +210,17 @@ def main() -> None:
               f"in {PAIRED_SLICE}-step slices on one shared model; 'plain (again)' is the noise floor")
         print()
         print("| arm | wall ms/step | CPU ms/step | wall: median block ratio | wall: total ratio | "
-              "CPU: median block ratio | overhead (wall) | overhead (CPU) | wall overhead: CI of the median |")
+              "CPU: median block ratio | overhead (wall) | overhead (CPU) | wall overhead: 95% CI of the median |")
         print("|---|---|---|---|---|---|---|---|---|")
         for arm, t in times.items():
             wall = [a[0] / b[0] for a, b in zip(t, plain)]
             cpu = [a[1] / b[1] for a, b in zip(t, plain)]
-            low, high, coverage = median_ci(wall)
+            low, high = median_ci(wall)
             print(f"| {arm} | {1e3 * statistics.median(x[0] for x in t) / PAIRED_BLOCK:.2f} | "
                   f"{1e3 * statistics.median(x[1] for x in t) / PAIRED_BLOCK:.2f} | {statistics.median(wall):.3f} | "
                   f"{sum(x[0] for x in t) / sum(x[0] for x in plain):.3f} | {statistics.median(cpu):.3f} | "
                   f"{100 * (statistics.median(wall) - 1):+.1f}% | {100 * (statistics.median(cpu) - 1):+.1f}% | "
-                  f"{100 * (low - 1):+.1f}% to {100 * (high - 1):+.1f}% ({100 * coverage:.1f}%) |")
+                  f"{100 * (low - 1):+.1f}% to {100 * (high - 1):+.1f}% |")
         print()
     if "train" in sections:
         print("Whole epochs of train_generation with a 5,000-image validation split (evaluated every epoch, "
