@@ -1,6 +1,6 @@
 """Probe: what one extra op in a plain MLP training step costs the whole step (seventh pass).
 
-Usage: python benchmarks/probe_step_ops.py THREADS ROUNDS [ARM,ARM,...]
+Usage: python benchmarks/probe_step_ops.py THREADS ROUNDS [ARM,ARM,...]  (arms: see ARMS; default all)
 
 A stand-alone 784-256-256-10 MLP on random data (SGD with momentum, batch 128, cross-entropy),
 no ban_analysis code: each arm adds one op after the loss, before the backward (where the keep
@@ -10,10 +10,15 @@ median block ratio to ``plain``; ``plain2`` is the noise floor. Found: an op tha
 input costs the step ~100-200 us at 2 threads whether it reads 1 row, 12 or all 128 (see
 benchmarks/README.md, "Seventh pass").
 """
-import torch, time, sys, statistics, numpy as np
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
 from torch import nn
-torch.set_num_threads(int(sys.argv[1]))
-torch.manual_seed(0)
+
+torch.manual_seed(0)  # the model and data below: a script, so made at start-up
 model = nn.Sequential(nn.Flatten(), nn.Linear(784,256), nn.ReLU(), nn.Linear(256,256), nn.ReLU(), nn.Linear(256,10))
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 X = torch.randn(43*128,1,28,28); Y = torch.randint(0,10,(43*128,))
@@ -37,7 +42,6 @@ ARMS = {
  "logsum": lambda l: l.detach().sum(),
  "plain2": None,
 }
-arms = [a for a in ARMS if a in sys.argv[3].split(",")] if len(sys.argv) > 3 else list(ARMS)
 
 
 def run43(a, i0, kept):
@@ -49,9 +53,21 @@ def run43(a, i0, kept):
         if fn is not None: kept.append(fn(logits))
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     kept.clear()
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("threads", type=int)
+    parser.add_argument("rounds", type=int)
+    parser.add_argument("arms", nargs="?", default=",".join(ARMS), help="comma-separated, from: " + ", ".join(ARMS))
+    args = parser.parse_args()
+    unknown = sorted(set(args.arms.split(",")) - set(ARMS))
+    if unknown or "plain" not in args.arms.split(","):
+        parser.error(f"arms {unknown} unknown or 'plain' missing; allowed: {', '.join(ARMS)}")
+    torch.set_num_threads(args.threads)
+    arms = [a for a in ARMS if a in args.arms.split(",")]
     times = {a: [] for a in arms}; n = dict.fromkeys(arms, 0)
-    for r in range(int(sys.argv[2]) + 1):
+    for r in range(args.rounds + 1):
         spent = dict.fromkeys(arms, 0.0)
         for k in range(10):
             sh = (r+k) % len(arms)
