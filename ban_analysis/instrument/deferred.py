@@ -68,17 +68,21 @@ def noise_columns(clean_labels: Tensor, sample_index: Tensor, target: Tensor, st
 
 
 @dataclasses.dataclass(slots=True)
-class _Waiting:
-    """One step of a deferred hook, kept until compute time."""
+class _Batch:
+    """One step's batch, shared by the deferred hooks due at the step: made once a step."""
 
     step: int
-    raw: dict          # gather()'s tensors, by reference
-    keys: tuple        # raw's keys (steps with the same keys are computed in one call)
-    keep: dict         # sample_index (and with label noise target, student_logits)
-    rows: Tensor | None  # rows drawn at the step (sample_from "batch"); None: selected at compute time
+    sample_index: Tensor
+    target: Tensor
     versions: tuple    # version counters of the batch's labels and ids at the step
-    n: int             # rows of the step's batch
-    ctx_target: Tensor  # the batch's labels (for the version check)
+    n: int             # rows of the batch
+    noise: dict | None  # with label noise: target and student_logits for the noise columns
+
+
+# a deferred hook's step, kept until compute time: (the step's _Batch, gather()'s tensors by reference,
+# the rows drawn at the step (sample_from "batch") or None (selected at compute time)); a plain tuple:
+# it is made at every training step
+_Waiting = tuple
 
 
 class DeferredRows:
@@ -113,26 +117,23 @@ class DeferredRows:
         deferred hooks due at this step, ``rows`` drawn now or None; one record of the batch's ids
         and labels serves all of them (each line here runs at every training step)."""
         index, target = ctx.sample_index, ctx.target
-        keep = {"sample_index": index}
+        noise = None
         if self._clean_on is not None and self._clean_on(index.device) is not None:  # noise columns later
-            keep.update(target=target, student_logits=ctx.student_logits.detach())
+            noise = {"target": target, "student_logits": ctx.student_logits.detach()}
         # the batch's labels and ids are what a data loader of one's own might refill in place (the
         # logits and logit gradient are new tensors of each step's forward and objective)
-        versions, n, step = (target._version, index._version), index.shape[0], ctx.step
+        batch = _Batch(ctx.step, index, target, (target._version, index._version), index.shape[0], noise)
         self.at = (ctx.gen, ctx.epoch)
+        held, waiting = self._held, self.waiting
         for name, rows in items:
             raw = self.hooks[name].hook.gather(ctx)
-            held = self._step_bytes.get(name)
-            if held is None:  # the same tensors every step of an epoch: counted once
-                held = self._step_bytes[name] = sum(t.numel() * t.element_size()
-                                                    for t in (*raw.values(), *keep.values()))
-            waiting = self.waiting.get(name)
-            if waiting is None:
-                waiting = self.waiting[name] = []
-            waiting.append(_Waiting(step, raw, tuple(raw), keep, rows, versions, n, target))
-            held += self._held.get(name, 0)
-            self._held[name] = held
-            if held >= self.defer_bytes:
+            if name not in waiting:  # the first step of the epoch: the same tensors every step, counted once
+                waiting[name], held[name] = [], 0
+                self._step_bytes[name] = sum(t.numel() * t.element_size() for t in
+                                             (*raw.values(), index, *(noise.values() if noise else ())))
+            waiting[name].append((batch, raw, rows))
+            held[name] += self._step_bytes[name]
+            if held[name] >= self.defer_bytes:
                 self.compute(name)
 
     def compute(self, only: str | None = None) -> None:
@@ -143,10 +144,11 @@ class DeferredRows:
             waiting = self.waiting.pop(name, [])
             self._held.pop(name, None)
             first = 0
+            keys_of = [tuple(raw) for _, raw, _ in waiting]
             while first < len(waiting):
-                keys = waiting[first].keys
+                keys = keys_of[first]
                 last = first + 1
-                while last < len(waiting) and waiting[last].keys == keys:
+                while last < len(waiting) and keys_of[last] == keys:
                     last += 1
                 chunk = self._compute_group(name, waiting[first:last], cats)
                 if chunk is not None:
@@ -162,9 +164,10 @@ class DeferredRows:
         return out
 
     def _compute_group(self, name: str, group: list[_Waiting], cats: dict) -> dict[str, Tensor] | None:
-        for e in group:
-            if (e.ctx_target._version, e.keep["sample_index"]._version) != e.versions:
-                raise RuntimeError(f"hook {name!r} (deferred): the labels or ids of step {e.step} were changed "
+        batches = [b for b, _, _ in group]
+        for b in batches:
+            if (b.target._version, b.sample_index._version) != b.versions:
+                raise RuntimeError(f"hook {name!r} (deferred): the labels or ids of step {b.step} were changed "
                                    "in place after the step; pass new tensors each step, or HookRunner(defer=False)")
 
         def cat(tensors: list[Tensor]) -> Tensor:
@@ -173,9 +176,9 @@ class DeferredRows:
                 cats[key] = torch.cat(tensors)
             return cats[key]
 
-        index = cat([e.keep["sample_index"] for e in group])  # (N,) every batch row of the group
+        index = cat([b.sample_index for b in batches])  # (N,) every batch row of the group
         device = index.device
-        sizes = torch.tensor([e.n for e in group], device=device)
+        sizes = torch.tensor([b.n for b in batches], device=device)
         pos = self._selected(name, group, index)  # None: every row
         if pos is not None and pos.numel() == 0:
             return None
@@ -183,15 +186,15 @@ class DeferredRows:
         def pick(t: Tensor) -> Tensor:
             return t if pos is None else t.index_select(0, pos)
 
-        raw = {k: pick(cat([e.raw[k] for e in group])) for k in group[0].raw}
+        raw = {k: pick(cat([r[k] for _, r, _ in group])) for k in group[0][1]}
         raw["batch_size"] = pick(sizes.float().repeat_interleave(sizes))
         cols = self.hooks[name].hook.compute(raw)
-        steps = torch.tensor([e.step for e in group], dtype=torch.int64, device=device).repeat_interleave(sizes)
+        steps = torch.tensor([b.step for b in batches], dtype=torch.int64, device=device).repeat_interleave(sizes)
         out = {"step": pick(steps), "sample_index": pick(index), **cols}
         clean = None if self._clean_on is None else self._clean_on(device)
         if clean is not None:
-            out.update(noise_columns(clean, out["sample_index"], pick(cat([e.keep["target"] for e in group])),
-                                     pick(cat([e.keep["student_logits"] for e in group]))))
+            out.update(noise_columns(clean, out["sample_index"], pick(cat([b.noise["target"] for b in batches])),
+                                     pick(cat([b.noise["student_logits"] for b in batches]))))
         return {k: (v.detach() if v.requires_grad else v).cpu() for k, v in out.items()}
 
     def _selected(self, name: str, group: list[_Waiting], index: Tensor) -> Tensor | None:
@@ -203,11 +206,11 @@ class DeferredRows:
             return member_rows(self._member_mask(name, index.device), index)
         # rows drawn at each step: shifted to the group's rows
         rows_list, offsets, counts, offset = [], [], [], 0
-        for e in group:
-            rows = torch.arange(e.n, device=index.device) if e.rows is None else e.rows
+        for b, _, rows in group:
+            rows = torch.arange(b.n, device=index.device) if rows is None else rows
             rows_list.append(rows)
             offsets.append(offset)
             counts.append(rows.shape[0])
-            offset += e.n
+            offset += b.n
         shift = torch.tensor(offsets, device=index.device).repeat_interleave(torch.tensor(counts, device=index.device))
         return torch.cat(rows_list) + shift

@@ -198,7 +198,9 @@ class HookRunner(CapturePlanner):
         if keeping is None or keeping[0] != ctx.step:
             return self.run(ctx)
         self._check_epoch(ctx)
-        self._keep_deferred(ctx, keeping[1])
+        # not _keep_deferred: no capture needs can change here (keeps_only asks for a due set whose
+        # capture was found empty for this model, so head_split reads the graph and probes nothing)
+        self._deferred.add_step(ctx, keeping[1])
         return {}
 
     def _keep_deferred(self, ctx: StepContext, items: list) -> None:
