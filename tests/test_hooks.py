@@ -340,3 +340,25 @@ def test_idle_steps_are_the_steps_with_no_hook_due():
     long = HookRunner({"update_share": {"every_n_steps": 9973}, "param_split": {"every_n_steps": 9967}},
                       seed=0, train_size=60)  # period 99,400,891: due sets computed per step
     assert [s for s in (0, 1, 9967, 9973, 19934) if not long.idle(s)] == [0, 9967, 9973, 19934]
+
+
+@pytest.mark.parametrize("anchor", ["label", "teacher_argmax"])
+def test_scaled_cotangents_are_the_split_of_b_times_the_logit_grad(anchor):
+    """param_split's cotangents (times B) come from update_share's unscaled split times B (one split a
+    step): exactly the split of B * logit_grad, as when each hook split on its own."""
+    from types import SimpleNamespace
+
+    from ban_analysis.instrument.decompose import anchor_index, split_at
+    from ban_analysis.instrument.step_terms import _cotangents
+
+    g = torch.Generator().manual_seed(3)
+    logit_grad = torch.randn(B, C, generator=g) / B
+    target, teacher = torch.randint(0, C, (B,), generator=g), torch.randn(B, C, generator=g)
+    ctx = StepContext(gen=1, epoch=0, step=0, sample_index=torch.arange(B), inputs=torch.zeros(B, 1),
+                      target=target, student_logits=torch.zeros(B, C), teacher_logits=teacher,
+                      out=SimpleNamespace(logit_grad=logit_grad), model=nn.Linear(1, C))
+    scaled, plain = _cotangents(ctx, True, anchor), _cotangents(ctx, False, anchor)
+    at, _ = anchor_index(target, teacher, anchor)
+    for got, want in ((scaled, split_at(logit_grad * B, at)), (plain, split_at(logit_grad, at))):
+        assert torch.equal(got["target"], want[0]) and torch.equal(got["dark"], want[1])
+    assert at.equal(target) == (anchor == "label") and not at.requires_grad
