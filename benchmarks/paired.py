@@ -28,7 +28,7 @@ PAIRED_SLICE = 43  # steps an arm runs before the next arm's turn (a tenth of an
 
 def paired_hooks(bundle, arch, params, rounds: int, block: int = PAIRED_BLOCK,
                  slice_steps: int = PAIRED_SLICE, arms: dict | None = None, on_step=None,
-                 on_round=None) -> dict[str, list[tuple[float, float]]]:
+                 on_round=None, objective=None, prepare=None) -> dict[str, list[tuple[float, float]]]:
     """(wall, CPU) seconds per block of ``block`` BAN steps, one list per arm, interleaved in one process.
 
     Arms (``arms``: name -> hook runner or None; ``bench_hook_parts.py`` passes its own; default:
@@ -50,7 +50,8 @@ def paired_hooks(bundle, arch, params, rounds: int, block: int = PAIRED_BLOCK,
 
     ``on_round(r)`` is called as round ``r`` starts (0 warms up and is not in the result), and
     ``on_step(arm, r, step, seconds, result)`` after each step with its wall seconds (the step and
-    its rows handed to the writer).
+    its rows handed to the writer). ``objective``: the BAN objective, or a stand-in with its protocol
+    (``bench_step_anatomy.py`` times its calls); ``prepare(model, optimizer)`` is called once they exist.
     """
     import inspect
 
@@ -65,9 +66,11 @@ def paired_hooks(bundle, arch, params, rounds: int, block: int = PAIRED_BLOCK,
     teacher_logits = predict(teacher, bundle.train, bundle, 1024)
     row_of = torch.full((int(bundle.train.index.max()) + 1,), -1, dtype=torch.long)
     row_of[bundle.train.index] = torch.arange(len(bundle.train.index))
-    objective = get_objective("ban")
+    objective = get_objective("ban") if objective is None else objective
     model = build_model(arch, params, bundle, seed=0, gen=1)
     optimizer = make_optimizer(model, cfg)
+    if prepare is not None:
+        prepare(model, optimizer)
     runners = arms
     if runners is None:
         can_defer = "defer" in inspect.signature(HookRunner).parameters
