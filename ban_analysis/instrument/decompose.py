@@ -108,7 +108,7 @@ def anchor_index(target: Tensor, teacher_logits: Tensor | None, anchor: str = "l
     """
     if anchor not in ANCHORS:
         raise ValueError(f"anchor must be one of {list(ANCHORS)}, got {anchor!r}")
-    if anchor == "label" or teacher_logits is None:  # (before any no_grad: entering one costs ~10 us in a step)
+    if anchor == "label" or teacher_logits is None:  # (before any no_grad: a context a call, 1.4 us out of a step)
         return target, "label"
     with torch.no_grad():
         return torch.softmax(teacher_logits.detach().float(), dim=1).argmax(dim=1), "teacher_argmax"
