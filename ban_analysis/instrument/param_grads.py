@@ -27,7 +27,6 @@ G = G_target + G_dark of the same parameters). Three ways to get them:
 from __future__ import annotations
 
 import logging
-import math
 from typing import Iterable, Sequence
 
 import torch
@@ -44,6 +43,7 @@ from ban_analysis.instrument.contrib import (
     output_grads,
 )
 from ban_analysis.instrument.fused import FusedContribution
+from ban_analysis.instrument.shares import term_dots, update_share_columns, update_share_stats
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ __all__ = [
     "term_batch_grads",
     "layer_groups",
     "update_share_stats",
+    "update_share_columns",
+    "term_dots",
     "head_stats",
     "head_norm_stats",
     "contribution_stats",
@@ -140,57 +142,6 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 def _vdot(a: Tensor, b: Tensor) -> Tensor:
     return _dot(a, b).double()
-
-
-def update_share_stats(
-    term_grads: dict[str, list[Tensor]], groups: Sequence[str] | None = None
-) -> dict[str, Tensor]:
-    """Which term moved the weights: norms, cosine and shares, in total and per group.
-
-    With G = G_target + G_dark, ``share_x = <G_x, G> / |G|^2`` so the two shares sum to 1
-    (a share can be negative or above 1 when the terms oppose each other).
-
-    Args:
-        term_grads: ``{"target": [...], "dark": [...]}`` from :func:`term_batch_grads`.
-        groups: one group name per parameter (see :func:`layer_groups`); None = total only.
-
-    Returns:
-        0-d float64 tensors: ``target_norm, dark_norm, grad_norm, cos_target_dark,
-        share_target, share_dark`` for all parameters, and ``<group>.<same>`` per group.
-    """
-    gt, gd = term_grads["target"], term_grads["dark"]
-    if len(gt) != len(gd) or (groups is not None and len(groups) != len(gt)):
-        raise ValueError("term_grads lists and groups must have one entry per parameter")
-    # (P, 3) per-parameter float32 dots <T,T>, <D,D>, <T,D>, stacked in one op and converted to
-    # float64 exactly once; everything else follows from them. The sums per set (all parameters,
-    # then each group) and the statistics are float64 arithmetic on Python floats (IEEE double, as
-    # a float64 tensor's), which saves ~40 small tensor ops: inside a training step each costs
-    # ~10 us on this CPU (benchmarks/README.md, "Hook overhead on the MLP").
-    # (one view per tensor, reused by its three dots: 30 calls instead of 54)
-    ts, ds = [t.reshape(-1) for t in gt], [d.reshape(-1) for d in gd]
-    flat = torch.stack([torch.dot(a, b) for t, d in zip(ts, ds) for a, b in ((t, t), (d, d), (t, d))]).double().tolist()
-    sets = {"": range(len(gt))}
-    if groups is not None:
-        for i, g in enumerate(groups):
-            sets.setdefault(g + ".", []).append(i)
-    values = []
-    for idx in sets.values():
-        tt = dd = td = 0.0
-        for i in idx:  # in parameter order (a tensor's sum may add in another order: a last-bit change)
-            tt, dd, td = tt + flat[3 * i], dd + flat[3 * i + 1], td + flat[3 * i + 2]
-        gg = tt + dd + 2 * td
-        values += [math.sqrt(tt), math.sqrt(dd), math.sqrt(max(gg, 0.0)), _div(td, math.sqrt(tt * dd)),
-                   _div(tt + td, gg), _div(dd + td, gg)]
-    cells = torch.tensor(values, dtype=torch.float64, device=gt[0].device).unbind()  # 0-d, set by set
-    names = ("target_norm", "dark_norm", "grad_norm", "cos_target_dark", "share_target", "share_dark")
-    return {prefix + name: cells[i * len(names) + j] for i, prefix in enumerate(sets) for j, name in enumerate(names)}
-
-
-def _div(a: float, b: float) -> float:
-    """a / b with IEEE semantics, as tensors divide: +-inf for a nonzero over 0, NaN for 0 / 0."""
-    if b == 0.0:
-        return math.nan if a == 0.0 or math.isnan(a) else math.copysign(math.inf, a) * math.copysign(1.0, b)
-    return a / b
 
 
 def head_stats(
