@@ -8,6 +8,8 @@ deferral, also after a crash mid-epoch and a resume.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 from types import SimpleNamespace
@@ -111,6 +113,55 @@ def test_deferred_rows_equal_the_per_step_rows(anchor, objective, defer_bytes, h
         runners[False].info()["logit_split"].get("anchor_effective")
 
 
+def _fused_steps(runner, steps: int, set_to_none: bool = True) -> list[tuple[int, dict]]:
+    """A trainer's fused steps (run, backward, after_backward, SGD) on Net: (step, rows) of each."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    for step in range(steps):
+        torch.manual_seed(step)
+        ctx = step_context(runner, model, step)
+        rows = runner.run(ctx)
+        opt.zero_grad(set_to_none=set_to_none)
+        ctx.out.loss.backward()
+        rows.update(runner.after_backward())
+        opt.step()
+        calls.append((step, rows))
+    return calls
+
+
+@pytest.mark.parametrize("anchor", ["label", "teacher_argmax"])
+def test_deferred_update_share_rows_equal_its_rows_per_step(anchor):
+    """A fused update_share in a deferred runner keeps its (P, 3) dots at each due step and makes its
+    rows at flush(): the per-step runner's rows bit for bit (the same float64 arithmetic on the same
+    dots), with a step column, and nothing from after_backward; a fused param_split (per sample) is
+    not deferred; the kept steps of an epoch that was not flushed are dropped with a warning."""
+    cfg = {"update_share": {"every_n_steps": 2, "anchor": anchor},
+           "param_split": {"every_n_steps": 3, "samples": 4, "anchor": anchor}}
+    runners = {d: HookRunner(cfg, seed=0, train_size=60, fuse_backward=True, defer=d) for d in (False, True)}
+    assert runners[True].info()["update_share"]["deferred"] and "deferred" not in runners[False].info()["update_share"]
+    assert "deferred" not in runners[True].info()["param_split"]
+    calls = {d: _fused_steps(runner, 7) for d, runner in runners.items()}
+    assert [sorted(rows) for _, rows in calls[True]] == [["param_split"], [], [], ["param_split"], [], [],
+                                                          ["param_split"]]
+    flushed = runners[True].flush()
+    assert list(flushed) == ["update_share"] and flushed["update_share"]["step"].tolist() == [0, 2, 4, 6]
+    assert runners[True].flush() == {}
+    want, got = _as_frame(calls[False]), _as_frame(calls[True] + [(6, flushed)])
+    for hook in cfg:
+        pd.testing.assert_frame_equal(got[hook], want[hook], check_exact=True, obj=hook)
+    assert ("anchor_teacher_argmax" in got["update_share"]) == (anchor == "teacher_argmax")
+
+
+def test_deferred_update_share_drops_the_steps_of_an_unflushed_epoch(caplog):
+    runner = HookRunner({"update_share": {}}, seed=0, train_size=60, fuse_backward=True, defer=True)
+    _fused_steps(runner, 1)
+    runner.run(dataclasses.replace(step_context(runner, Net(), 1), epoch=1))  # the next epoch
+    runner._drop_pending()
+    assert runner.flush() == {} and "dropping the deferred rows of ['update_share']" in caplog.text
+
+
 @pytest.mark.parametrize("net", [Net, ScaledNet])
 def test_train_step_keep_path_gives_the_rows_and_weights_of_the_general_path(net):
     """train_step's keep path (HookRunner.keeps_only / keep: no capture, no after_backward or
@@ -159,7 +210,7 @@ def test_train_step_keep_path_gives_the_rows_and_weights_of_the_general_path(net
     for a, b in zip(models["keep"].parameters(), models["general"].parameters()):
         assert torch.equal(a, b)
     flushed = {path: runner.flush() for path, runner in runners.items()}
-    assert set(flushed["keep"]) == {"logit_split", "head_split"}
+    assert set(flushed["keep"]) == {"logit_split", "head_split", "update_share"}  # update_share: fused, deferred
     for hook, cols in flushed["general"].items():
         assert list(flushed["keep"][hook]) == list(cols)
         for name, col in cols.items():
@@ -168,7 +219,7 @@ def test_train_step_keep_path_gives_the_rows_and_weights_of_the_general_path(net
     runner, model = runners["keep"], models["keep"]
     assert runner.keeps_only(16, model) == (net is Net)
     ctx = step_context(runner, model, 20)  # step 20: update_share due, never announced
-    assert runner.keep(ctx) == {}  # fused update_share: its row comes from after_backward
+    assert runner.keep(ctx) == {}  # fused update_share: finished by after_backward, its row at flush
     assert [name for name, _ in runner._pending] == ["update_share"]
     runner._drop_pending()
     for (_, got), (_, want) in zip(rows["keep"], rows["general"]):

@@ -72,6 +72,8 @@ class Hook:
     options: ClassVar[dict] = {}
     choices: ClassVar[dict] = {}
     deferrable: ClassVar[bool] = False
+    # a fused per-step hook that implements keep_after_backward and columns_of (update_share)
+    defers_after_backward: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self.opts = {**self.options, **options}
@@ -83,6 +85,10 @@ class Hook:
         # due step instead of __call__, buffers what it returns, and compute(rows) makes the columns
         # of many steps' rows at once when the runner is flushed.
         self.deferred = False
+        # Set by HookRunner(defer=True, fuse_backward=True) on fused hooks that can: the runner then calls
+        # keep_after_backward(ctx) instead of after_backward at each due step, and columns_of(kept) over
+        # the epoch's steps at flush.
+        self.deferred_after = False
 
     def gather(self, ctx: StepContext) -> dict[str, Tensor]:
         """What :meth:`compute` needs, for every row of the batch: (B, ...) tensors of the step,
@@ -112,6 +118,17 @@ class Hook:
 
     def after_backward(self, ctx: StepContext) -> dict[str, Tensor] | None:
         """Columns of a fused hook once the trainer's backward ran; None: finished by after_step."""
+        raise NotImplementedError
+
+    def keep_after_backward(self, ctx: StepContext) -> dict[str, Tensor]:
+        """A deferred fused hook's share of :meth:`after_backward` at its step: the few small tensors
+        :meth:`columns_of` needs (the rest of the statistics runs once an epoch, where it is cheap:
+        inside a training step each small op costs several times its own time)."""
+        raise NotImplementedError
+
+    def columns_of(self, kept: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The columns of the steps whose :meth:`keep_after_backward` gave ``kept``, in step order:
+        (S,) for S steps, what :meth:`after_backward` returns at each, equal up to float rounding."""
         raise NotImplementedError
 
     def after_step(self, ctx: StepContext) -> dict[str, Tensor] | None:

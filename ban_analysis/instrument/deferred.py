@@ -3,9 +3,23 @@
 A deferred runner (``HookRunner(defer=True)``) hands each due step of a deferrable hook
 (``logit_split``, ``head_split``) to :class:`DeferredRows`, which keeps the tensors the hook's
 ``gather`` returns by reference, and, once ``defer_bytes`` are held and at ``flush``, selects the
-reported rows and calls the hook's ``compute`` once over many steps. Also here: the two pieces the
-per-step path shares with it, the fixed-subset row lookup (:func:`member_rows`) and the
-label-noise columns (:func:`noise_columns`). Split from ``runner.py`` (the scheduling).
+reported rows and calls the hook's ``compute`` once over many steps. The values are the per-step
+ones up to float rounding (~1e-7 here, a small KL ~3e-6: the log-softmax of many rows runs another
+kernel). The kept tensors must not change after their step: labels or ids refilled in place raise
+at compute time (``train_step`` and the objectives make new tensors every step). ``head_split``
+keeps the norm of each row's head input, not the (B, D) input; the forward hook on a module
+captured at every step without copies (its head) stays registered from the epoch's first step to
+``flush``, and is dropped after a model's first step where the logits are the head's own matmul:
+the head's input is then read from their autograd graph (``HeadSplit._graph_input``).
+
+:class:`LateRows` does the same for a fused per-step hook that defers its statistics past the
+backward (``update_share``: its (P, 3) dots a step, its columns at ``flush``): inside a training step
+each small op costs several times its own time, and handing a step's ~25 columns to the run writer
+cost ~140 us of an update_share step (benchmarks/README.md, "Eighth pass").
+
+Also here: the two pieces the per-step path shares with it, the fixed-subset row lookup
+(:func:`member_rows`) and the label-noise columns (:func:`noise_columns`). Split from
+``runner.py`` (the scheduling).
 """
 
 from __future__ import annotations
@@ -17,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DeferredRows", "MemberMasks", "member_rows", "noise_columns"]
+__all__ = ["DeferredRows", "LateRows", "MemberMasks", "member_rows", "noise_columns"]
 
 
 def member_rows(member: Tensor, index: Tensor) -> Tensor:
@@ -214,3 +228,31 @@ class DeferredRows:
             offset += b.n
         shift = torch.tensor(offsets, device=index.device).repeat_interleave(torch.tensor(counts, device=index.device))
         return torch.cat(rows_list) + shift
+
+
+class LateRows:
+    """The steps of the deferred fused per-step hooks (``Hook.defers_after_backward``: ``update_share``)
+    for one epoch: what each hook's ``keep_after_backward`` kept, and at :meth:`columns` its
+    ``columns_of`` over the kept steps, one row a step, with a ``step`` column first."""
+
+    def __init__(self) -> None:
+        self.drop()
+
+    def drop(self) -> None:
+        self.kept: dict[str, list[tuple[int, dict]]] = {}
+        self.at: tuple[int, int] | None = None  # the (gen, epoch) of what is held
+
+    def add(self, name: str, ctx, kept: dict) -> None:
+        """Hook ``name``'s share of step ``ctx.step`` (a few small tensors: nothing to bound)."""
+        self.at = (ctx.gen, ctx.epoch)
+        self.kept.setdefault(name, []).append((ctx.step, kept))
+
+    def columns(self, hooks: dict) -> dict[str, dict[str, Tensor]]:
+        """hook -> column -> (S,) CPU tensor over its S kept steps, in step order; then dropped."""
+        out = {}
+        for name, steps in self.kept.items():
+            cols = hooks[name].hook.columns_of([kept for _, kept in steps])
+            step = torch.tensor([s for s, _ in steps], dtype=torch.int64)
+            out[name] = {k: (v.detach() if v.requires_grad else v).cpu() for k, v in {"step": step, **cols}.items()}
+        self.drop()
+        return out

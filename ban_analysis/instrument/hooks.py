@@ -247,13 +247,24 @@ class UpdateShare(Hook):
         return True
 
     def after_backward(self, ctx):
+        return {name: col[0] for name, col in self.columns_of([self.keep_after_backward(ctx)]).items()}
+
+    defers_after_backward = True
+
+    def keep_after_backward(self, ctx):
+        """The step's (P, 3) dots of the term gradients (and its anchor record): all the columns need."""
         names, params = _trainable(ctx.model, ctx.cache)
         g_target = ctx.cache.pop(("g_target", self.opts["anchor"]))["target"]
-        grads = {"target": g_target,
-                 # one multi-tensor call for all parameters (the same subtraction, elementwise)
-                 "dark": torch._foreach_sub([_grad_of(p) for p in params], g_target)}
-        cols = pg.update_share_stats(grads, pg.layer_groups(names, self.opts["group_depth"]))
-        return {**cols, **_anchor_cols(self, ctx)}
+        # one multi-tensor call for all parameters (the same subtraction, elementwise)
+        dark = torch._foreach_sub([_grad_of(p) for p in params], g_target)
+        self.state["_groups"] = pg.layer_groups(names, self.opts["group_depth"])  # the same at every step
+        return {"dots": pg.term_dots(g_target, dark), **_anchor_cols(self, ctx)}
+
+    def columns_of(self, kept):
+        cols = pg.update_share_columns(torch.stack([k["dots"] for k in kept]), self.state["_groups"])
+        if "anchor_teacher_argmax" in kept[0]:
+            cols["anchor_teacher_argmax"] = torch.stack([k["anchor_teacher_argmax"] for k in kept])
+        return cols
 
 
 @register_hook

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ban_analysis.instrument.base import HOOKS, Hook, StepContext
 from ban_analysis.instrument.capture import ArmedCapture, CapturePlanner, StepCapture, StickyHooks
-from ban_analysis.instrument.deferred import DeferredRows, MemberMasks, member_rows, noise_columns
+from ban_analysis.instrument.deferred import DeferredRows, LateRows, MemberMasks, member_rows, noise_columns
 from ban_analysis.instrument.hook_config import Resolved, check_int, heldout_subset, resolve, seed_of
 
 logger = logging.getLogger("ban_analysis.instrument.hooks")  # the name users filter on
@@ -61,20 +61,14 @@ class HookRunner(CapturePlanner):
             once from (seed, hook name) (:meth:`set_heldout`). Empty (N = 0): ValueError.
         defer: the trainer promises to call :meth:`flush` at the end of every epoch (``run_chain``
             does; the default False suits a loop of your own that reads ``hook_rows`` per step).
-            The per-sample hooks that can (``logit_split``, ``head_split``) then keep the step's
-            tensors by reference (the (B, C) logits, logit gradient, labels, ids; ``head_split``
-            the norm of each row's head input, not the (B, D) input) and, once ``defer_bytes``
-            are held and at :meth:`flush`, select their reported rows and compute their
-            statistics in one vectorised call over many steps: their rows come from
-            :meth:`flush`, each with its own ``step`` column, and not from :meth:`run`. The
-            values are the per-step ones up to float rounding (tested to 1e-6 relative; ~1e-7
-            here, a small KL ~3e-6: the log-softmax of many rows runs another kernel). The kept
-            tensors must not change after their step: labels or ids refilled in place raise at
-            compute time (``train_step`` and the objectives make new tensors every step). The
-            forward hook on a module captured at every step without copies (``head_split``'s
-            head) stays registered from the epoch's first step to :meth:`flush`; ``head_split``
-            drops it after a model's first step where the logits are the head's own matmul, and
-            reads the head's input from their autograd graph (``HeadSplit._graph_input``).
+            ``logit_split`` and ``head_split`` then keep the step's tensors by reference (for
+            ``head_split`` the norm of each row's head input, read from the logits' autograd graph
+            where the logits are the head's own matmul) and compute their columns over many steps;
+            with ``fuse_backward`` too, ``update_share`` keeps its (P, 3) dots a step and makes its
+            columns at :meth:`flush`. Those hooks' rows come from :meth:`flush`, each with its own
+            ``step`` column, not from :meth:`run` or :meth:`after_backward`; the values are the per-step
+            ones up to float rounding (tested to 1e-6 relative). Kept labels or ids changed in place
+            raise at compute time. How and why: ``deferred.py``.
         defer_bytes: with ``defer``, the memory one deferred hook may hold before its waiting
             steps are computed and released (default 64 MiB: several Fashion-MNIST epochs of the
             MLP, about 20 steps of a 1000-class model at batch 256); the columns wait for
@@ -115,6 +109,8 @@ class HookRunner(CapturePlanner):
         self.defer_bytes = check_int("defer_bytes", defer_bytes, 1)
         for r in self.hooks.values():
             r.hook.deferred = self.defer and r.hook.deferrable
+            r.hook.deferred_after = self.defer and r.hook.fused and r.hook.defers_after_backward and not r.hook.per_sample
+        self._late = LateRows()  # the deferred fused hooks' steps (update_share), made into rows at flush
         self.clean_labels = None if clean_labels is None else torch.as_tensor(clean_labels).long().reshape(-1)
         self._member_mask = MemberMasks(self.hooks)  # (name, device) -> bool mask over a fixed subset's ids
         self._deferred = DeferredRows(self.hooks, self.defer_bytes, self._member_mask,
@@ -211,10 +207,10 @@ class HookRunner(CapturePlanner):
             self._recapture()
 
     def _check_epoch(self, ctx: StepContext) -> None:  # rows left from an earlier epoch: dropped
-        at = self._deferred.at
+        at = self._deferred.at or self._late.at
         if at is not None and (at[0] != ctx.gen or at[1] != ctx.epoch):
             logger.warning("HookRunner.flush was not called at the end of gen %d epoch %d; dropping the "
-                           "deferred rows of %s", *at, self._deferred.names())
+                           "deferred rows of %s", *at, sorted({*self._deferred.names(), *self._late.kept}))
             self._drop_deferred()
 
     def _rows(self, name: str, r: Resolved, ctx: StepContext) -> Tensor | None:
@@ -302,6 +298,9 @@ class HookRunner(CapturePlanner):
         try:
             for name, hctx in self._pending:
                 r = self.hooks[name]
+                if r.hook.deferred_after:  # its rows at flush
+                    self._late.add(name, hctx, r.hook.keep_after_backward(hctx))
+                    continue
                 cols = r.hook.after_backward(hctx)
                 if cols is None:  # measures after the optimizer step too
                     self._post.append((name, hctx))
@@ -340,7 +339,7 @@ class HookRunner(CapturePlanner):
         at the end of every epoch, before the epoch's hook files are written (``train_generation``
         does); rows left from an earlier epoch when the next one starts are dropped with a warning.
         """
-        out = self._deferred.columns()
+        out = {**self._deferred.columns(), **self._late.columns(self.hooks)}
         self._drop_deferred()
         return out
 
@@ -363,6 +362,7 @@ class HookRunner(CapturePlanner):
             self._sticky.remove()
             self._sticky = None
         self._deferred.drop()
+        self._late.drop()
 
     def _finish(self, r: Resolved, ctx: StepContext, cols: dict[str, Tensor]) -> dict[str, Tensor]:
         if r.hook.per_sample:
@@ -393,7 +393,7 @@ class HookRunner(CapturePlanner):
         out = {}
         for name, r in self.hooks.items():
             out[name] = {"every_n_steps": r.every_n_steps, "samples": r.samples, "fused": r.hook.fused,
-                         **({"deferred": True} if r.hook.deferred else {}),
+                         **({"deferred": True} if r.hook.deferred or r.hook.deferred_after else {}),
                          **({"sample_from": r.sample_from} if r.hook.per_sample else {}),
                          **r.hook.opts, **{k: v for k, v in r.hook.state.items() if not k.startswith("_")}}
         return out
