@@ -15,6 +15,7 @@ import pandas as pd
 from types import SimpleNamespace
 import pytest
 import torch
+from torch import nn
 
 from ban_analysis.config import config_from_dict
 from ban_analysis.engine.chain import run_chain
@@ -113,10 +114,22 @@ def test_deferred_rows_equal_the_per_step_rows(anchor, objective, defer_bytes, h
         runners[False].info()["logit_split"].get("anchor_effective")
 
 
-def _fused_steps(runner, steps: int, set_to_none: bool = True) -> list[tuple[int, dict]]:
-    """A trainer's fused steps (run, backward, after_backward, SGD) on Net: (step, rows) of each."""
+class MLP(nn.Module):
+    """Linear layers only, a bias-free one among them: a deferred param_split's batched path."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(50, 16), nn.ReLU(), nn.Linear(16, 12, bias=False), nn.ReLU())
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _fused_steps(runner, steps: int, set_to_none: bool = True, net=Net) -> list[tuple[int, dict]]:
+    """A trainer's fused steps (run, backward, after_backward, SGD) on ``net``: (step, rows) of each."""
     torch.manual_seed(0)
-    model = Net()
+    model = net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     calls = []
     for step in range(steps):
@@ -132,26 +145,30 @@ def _fused_steps(runner, steps: int, set_to_none: bool = True) -> list[tuple[int
 
 
 @pytest.mark.parametrize("anchor", ["label", "teacher_argmax"])
-def test_deferred_update_share_rows_equal_its_rows_per_step(anchor):
-    """A fused update_share in a deferred runner keeps its (P, 3) dots at each due step and makes its
-    rows at flush(): the per-step runner's rows bit for bit (the same float64 arithmetic on the same
-    dots), with a step column, and nothing from after_backward; a fused param_split (per sample) is
-    not deferred; the kept steps of an epoch that was not flushed are dropped with a warning."""
+@pytest.mark.parametrize("net", [Net, MLP])
+def test_deferred_fused_hooks_rows_equal_their_rows_per_step(anchor, net):
+    """Fused update_share and param_split in a deferred runner keep their steps (update_share its (P, 3)
+    dots; param_split on a Linear model its rows' layer pieces, computed for all steps in one pass, on
+    Net its columns at the step) and make their rows at flush(): the per-step runner's rows (update_share
+    bit for bit; param_split to float rounding), with step columns, and nothing from after_backward."""
     cfg = {"update_share": {"every_n_steps": 2, "anchor": anchor},
            "param_split": {"every_n_steps": 3, "samples": 4, "anchor": anchor}}
-    runners = {d: HookRunner(cfg, seed=0, train_size=60, fuse_backward=True, defer=d) for d in (False, True)}
-    assert runners[True].info()["update_share"]["deferred"] and "deferred" not in runners[False].info()["update_share"]
-    assert "deferred" not in runners[True].info()["param_split"]
-    calls = {d: _fused_steps(runner, 7) for d, runner in runners.items()}
-    assert [sorted(rows) for _, rows in calls[True]] == [["param_split"], [], [], ["param_split"], [], [],
-                                                          ["param_split"]]
+    clean = torch.randint(0, 5, (60,), generator=torch.Generator().manual_seed(3))
+    runners = {d: HookRunner(cfg, seed=0, train_size=60, fuse_backward=True, defer=d, clean_labels=clean)
+               for d in (False, True)}
+    assert all(runners[True].info()[h]["deferred"] and "deferred" not in runners[False].info()[h] for h in cfg)
+    calls = {d: _fused_steps(runner, 7, net=net) for d, runner in runners.items()}
+    assert not any(rows for _, rows in calls[True])
     flushed = runners[True].flush()
-    assert list(flushed) == ["update_share"] and flushed["update_share"]["step"].tolist() == [0, 2, 4, 6]
-    assert runners[True].flush() == {}
-    want, got = _as_frame(calls[False]), _as_frame(calls[True] + [(6, flushed)])
-    for hook in cfg:
-        pd.testing.assert_frame_equal(got[hook], want[hook], check_exact=True, obj=hook)
-    assert ("anchor_teacher_argmax" in got["update_share"]) == (anchor == "teacher_argmax")
+    assert sorted(flushed) == sorted(cfg) and runners[True].flush() == {}
+    assert flushed["update_share"]["step"].tolist() == [0, 2, 4, 6]
+    assert flushed["param_split"]["step"].tolist() == [0] * 4 + [3] * 4 + [6] * 4
+    want, got = _as_frame(calls[False]), _as_frame([(6, flushed)])
+    pd.testing.assert_frame_equal(got["update_share"], want["update_share"], check_exact=True)
+    _assert_frames_match(got["param_split"], want["param_split"], "param_split")
+    assert {"clean_target", "label_noisy", "anchor_teacher_argmax"} & set(got["param_split"]) == \
+        {"clean_target", "label_noisy"} | ({"anchor_teacher_argmax"} if anchor == "teacher_argmax" else set())
+    assert runners[True].info()["param_split"]["covered_params"] == runners[False].info()["param_split"]["covered_params"]
 
 
 def test_deferred_update_share_drops_the_steps_of_an_unflushed_epoch(caplog):
@@ -210,7 +227,7 @@ def test_train_step_keep_path_gives_the_rows_and_weights_of_the_general_path(net
     for a, b in zip(models["keep"].parameters(), models["general"].parameters()):
         assert torch.equal(a, b)
     flushed = {path: runner.flush() for path, runner in runners.items()}
-    assert set(flushed["keep"]) == {"logit_split", "head_split", "update_share"}  # update_share: fused, deferred
+    assert set(flushed["keep"]) == set(STUDY_HOOKS)  # update_share, param_split: fused and deferred, at flush
     for hook, cols in flushed["general"].items():
         assert list(flushed["keep"][hook]) == list(cols)
         for name, col in cols.items():

@@ -58,8 +58,13 @@ class DotAccumulator:
 
     def columns(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         """The five per-sample columns (NaN where a norm is 0)."""
-        tt, dd, td, tg, dg = self.dots
-        g = self.gg.sqrt()
+        return self.columns_of(self.dots, self.gg, dtype)
+
+    @staticmethod
+    def columns_of(dots: Tensor, gg: Tensor, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """The columns of (5, ..., n) float64 dots and |G|^2 broadcast against (..., n): many steps at once."""
+        tt, dd, td, tg, dg = dots
+        g = gg.sqrt()
         out = {
             "param_target_norm": tt.sqrt(),
             "param_dark_norm": dd.sqrt(),
@@ -144,15 +149,23 @@ def _add_linear_2d(a: Tensor, dt: Tensor, dd: Tensor, gw: Tensor, gb: Tensor | N
     """(5, n) dots of a Linear layer on (n, in) inputs, in ~15 tensor ops (each ~10 us inside a training
     step here). A sample's piece is delta_s a_s^T (+ delta_s for the bias), so
     <piece_x, piece_y> = (|a_s|^2 + 1) <delta_x, delta_y> and <piece_x, G> = delta_x . (G_w a_s + g_b)."""
-    pieces = torch.stack([dt, dd])  # (2, n, out)
-    aa = (a * a).sum(1)  # (n,)
-    if gb is not None:
+    return linear_dots(a, dt, dd, linear_g_a(a, gw, gb), gb is not None)
+
+
+def linear_g_a(a: Tensor, gw: Tensor, gb: Tensor | None) -> Tensor:
+    """(n, out): G_w a_s + g_b, what <piece, G> needs of the batch gradient (a deferred param_split takes it
+    at the step, where G is at hand)."""
+    return a @ gw.t() if gb is None else torch.addmm(gb.to(a.dtype), a, gw.t())
+
+
+def linear_dots(a: Tensor, dt: Tensor, dd: Tensor, ga: Tensor, bias: bool) -> Tensor:
+    """(5, ..., n) dots <T,T>, <D,D>, <T,D>, <T,G>, <D,G> from (..., n, in) inputs, (..., n, out) output
+    gradients and :func:`linear_g_a`: one step, or many steps stacked (a deferred param_split)."""
+    pieces = torch.stack([dt, dd])  # (2, ..., n, out)
+    aa = (a * a).sum(-1)  # (..., n)
+    if bias:
         aa = aa + 1.0
-        ga = torch.addmm(gb.to(a.dtype), a, gw.t())  # (n, out): G_w a_s + g_b
-    else:
-        ga = a @ gw.t()
-    return torch.cat([(pieces * pieces).sum(2) * aa, ((dt * dd).sum(1) * aa).unsqueeze(0),
-                      (pieces * ga).sum(2)])  # <T,T>, <D,D>, <T,D>, <T,G>, <D,G>
+    return torch.cat([(pieces * pieces).sum(-1) * aa, ((dt * dd).sum(-1) * aa).unsqueeze(0), (pieces * ga).sum(-1)])
 
 
 def output_grads(student_logits, model, captured, cotangents, modules, terms=("target", "dark"),

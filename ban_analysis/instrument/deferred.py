@@ -12,10 +12,11 @@ captured at every step without copies (its head) stays registered from the epoch
 ``flush``, and is dropped after a model's first step where the logits are the head's own matmul:
 the head's input is then read from their autograd graph (``HeadSplit._graph_input``).
 
-:class:`LateRows` does the same for a fused per-step hook that defers its statistics past the
-backward (``update_share``: its (P, 3) dots a step, its columns at ``flush``): inside a training step
-each small op costs several times its own time, and handing a step's ~25 columns to the run writer
-cost ~140 us of an update_share step (benchmarks/README.md, "Eighth pass").
+:class:`LateRows` does the same for the fused hooks that defer their statistics past the backward
+(``update_share``: its (P, 3) dots a step; ``param_split`` on a Linear model: its rows' layer inputs,
+output gradients and G a_s; their columns at ``flush``, many steps in one pass): inside a training step
+each small op costs several times its own time, and handing a step's rows to the run writer cost
+~140 us of an update_share step (benchmarks/README.md, "Eighth pass").
 
 Also here: the two pieces the per-step path shares with it, the fixed-subset row lookup
 (:func:`member_rows`) and the label-noise columns (:func:`noise_columns`). Split from
@@ -231,28 +232,36 @@ class DeferredRows:
 
 
 class LateRows:
-    """The steps of the deferred fused per-step hooks (``Hook.defers_after_backward``: ``update_share``)
-    for one epoch: what each hook's ``keep_after_backward`` kept, and at :meth:`columns` its
-    ``columns_of`` over the kept steps, one row a step, with a ``step`` column first."""
+    """The steps of the deferred fused hooks (``Hook.defers_after_backward``: ``update_share``,
+    ``param_split``) for one epoch: what each hook's ``keep_after_backward`` kept, and at :meth:`columns`
+    its ``columns_of`` over the kept steps, with a ``step`` column first (and a per-sample hook's
+    ``sample_index`` and label-noise columns as the runner's ``_finish`` made them at the step)."""
 
     def __init__(self) -> None:
         self.drop()
 
     def drop(self) -> None:
-        self.kept: dict[str, list[tuple[int, dict]]] = {}
+        self.kept: dict[str, list[tuple[int, dict, dict]]] = {}
         self.at: tuple[int, int] | None = None  # the (gen, epoch) of what is held
 
-    def add(self, name: str, ctx, kept: dict) -> None:
-        """Hook ``name``'s share of step ``ctx.step`` (a few small tensors: nothing to bound)."""
+    def add(self, name: str, ctx, kept: dict, extra: dict) -> None:
+        """Hook ``name``'s share of step ``ctx.step``: ``kept`` for its columns (small tensors: a few per
+        step, or a per-sample hook's reported rows), ``extra`` the columns the runner adds to its rows
+        (``sample_index``, noise columns; {} for a per-step hook)."""
         self.at = (ctx.gen, ctx.epoch)
-        self.kept.setdefault(name, []).append((ctx.step, kept))
+        self.kept.setdefault(name, []).append((ctx.step, kept, extra))
 
     def columns(self, hooks: dict) -> dict[str, dict[str, Tensor]]:
-        """hook -> column -> (S,) CPU tensor over its S kept steps, in step order; then dropped."""
+        """hook -> column -> CPU tensor over the kept steps, in step order; then dropped."""
         out = {}
         for name, steps in self.kept.items():
-            cols = hooks[name].hook.columns_of([kept for _, kept in steps])
-            step = torch.tensor([s for s, _ in steps], dtype=torch.int64)
-            out[name] = {k: (v.detach() if v.requires_grad else v).cpu() for k, v in {"step": step, **cols}.items()}
+            cols = hooks[name].hook.columns_of([kept for _, kept, _ in steps])
+            extras = [extra for _, _, extra in steps]
+            counts = [next(iter(extra.values())).shape[0] if extra else 1 for extra in extras]
+            step = torch.tensor([s for s, _, _ in steps], dtype=torch.int64).repeat_interleave(torch.tensor(counts))
+            joined = {k: torch.cat([extra[k].reshape(-1) for extra in extras]) for k in extras[0]}
+            index = {"sample_index": joined.pop("sample_index")} if "sample_index" in joined else {}
+            out[name] = {k: (v.detach() if v.requires_grad else v).cpu()
+                         for k, v in {"step": step, **index, **cols, **joined}.items()}
         self.drop()
         return out

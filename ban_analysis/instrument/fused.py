@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ban_analysis.instrument.contrib import captured_outputs, contribution_stats, output_grads
+from ban_analysis.instrument.contrib import captured_outputs, contribution_stats, linear_g_a, output_grads
 
 __all__ = ["FusedContribution"]
 
@@ -79,3 +79,33 @@ class FusedContribution:
         return contribution_stats(student_logits, model, captured, {}, rows,
                                   deltas={"target": self.target, "dark": dark}, layer_grads=layer_grads,
                                   named_modules=mods, info=self.info)
+
+    def linear_rows(self) -> dict | None:
+        """The step's share of a deferred ``param_split`` when every covered module is a ``nn.Linear`` on
+        (B, in) float32/64 inputs with a weight gradient, else None (then :meth:`finish` at the step).
+
+        Per layer the reported rows' input, target and dark output gradients and G_w a_s + g_b, and
+        |G|^2 (0-d float64): the small tensors ``contrib.linear_dots`` makes the five columns of, for
+        many steps in one pass at the epoch's flush. The values are those :meth:`finish` gives: the same
+        element-wise arithmetic on the same rows, summed the same way.
+        """
+        self.cancel()
+        student_logits, model, captured, rows = self.args
+        mods = dict(model.named_modules()) if self.named_modules is None else self.named_modules
+        B = student_logits.shape[0]
+        rows = torch.arange(B, device=student_logits.device) if rows is None else torch.as_tensor(rows).long()
+        layers, squares = [], []
+        for n in self.names:
+            m, a, t = mods[n], captured[n][0], self.target[n]
+            w, b = m.weight, m.bias
+            if (not isinstance(m, nn.Linear) or a.ndim != 2 or n not in self.total or a.dtype != t.dtype
+                    or t.dtype not in (torch.float32, torch.float64) or not w.requires_grad or w.grad is None
+                    or (b is not None and b.requires_grad and b.grad is None)):
+                return None
+            gb = b.grad if b is not None and b.requires_grad else None
+            a, dt = a[rows], t[rows]
+            dd = (self.total[n][rows] * B).to(t.dtype) - dt  # as finish's dark, on the reported rows
+            layers.append((a, dt, dd, linear_g_a(a, w.grad, gb), gb is not None))
+            squares += [g.reshape(-1) for g in (w.grad, gb) if g is not None]
+        gg = torch.stack([torch.dot(g, g) for g in squares]).double().sum()
+        return {"layers": layers, "gg": gg, "n": rows.numel()}

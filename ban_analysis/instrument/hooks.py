@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ban_analysis.instrument import param_grads as pg
+from ban_analysis.instrument.contrib import DotAccumulator, linear_dots
 from ban_analysis.instrument.decompose import ANCHORS, per_sample_stats, split_at
 from ban_analysis.instrument.base import HOOKS, Hook, StepContext, register_hook
 from ban_analysis.instrument.step_terms import (  # the helpers the hooks share (and heldout.py)
@@ -357,12 +358,46 @@ class ParamSplit(Hook):
         return self.opts["mode"] == "contribution"
 
     def after_backward(self, ctx):
-        cols, info = ctx.cache.pop("fused_param_split").finish()
+        return {**self._finish(ctx, ctx.cache.pop("fused_param_split")), **_anchor_cols(self, ctx)}
+
+    def _finish(self, ctx, fused):
+        cols, info = fused.finish()
         kept = self.state.get("_walk")
         if kept is not None and kept["model"]() is ctx.model:
             kept["info"] = info
         self.state.update(info)
-        return {**cols, **_anchor_cols(self, ctx)}
+        return cols
+
+    defers_after_backward = True
+
+    def keep_after_backward(self, ctx):
+        """A Linear model's rows of the step (``FusedContribution.linear_rows``), whose columns
+        :meth:`columns_of` makes for many steps at once; other models (and a model's first step, which
+        finds the coverage info) get their columns now."""
+        fused = ctx.cache.pop("fused_param_split")
+        kept = fused.linear_rows() if self._walk(ctx.model)[1] is not None else None
+        if kept is None:
+            kept = {"cols": self._finish(ctx, fused), "n": None}
+        return {**kept, **_anchor_cols(self, ctx)}
+
+    def columns_of(self, kept):
+        same_shapes: dict = {}  # steps whose pieces stack (a short last batch has fewer rows)
+        for k in kept:
+            if "layers" in k:
+                same_shapes.setdefault(tuple(t.shape for layer in k["layers"] for t in layer[:4]), []).append(k)
+        for linear in same_shapes.values():  # (5, S, n) float64 dots over the S steps' layers, then (S, n) columns
+            dots = torch.stack([linear_dots(*(torch.stack([k["layers"][i][j] for k in linear]) for j in range(4)),
+                                            linear[0]["layers"][i][4])
+                                for i in range(len(linear[0]["layers"]))]).double().sum(0)
+            gg = torch.stack([k["gg"] for k in linear]).unsqueeze(1)
+            batched = DotAccumulator.columns_of(dots, gg, linear[0]["layers"][0][1].dtype)
+            for i, k in enumerate(linear):
+                k["cols"] = {c: v[i] for c, v in batched.items()}
+        cols = [k.pop("cols") if "layers" in k else k["cols"] for k in kept]
+        for c, k in zip(cols, kept):
+            if "anchor_teacher_argmax" in k:  # 0-d at its step: one a row here
+                c["anchor_teacher_argmax"] = k["anchor_teacher_argmax"].expand(next(iter(c.values())).shape[0])
+        return {c: torch.cat([col[c] for col in cols]) for c in cols[0]}
 
 
 # The runner lives in runner.py; importable from here as before.

@@ -109,8 +109,8 @@ class HookRunner(CapturePlanner):
         self.defer_bytes = check_int("defer_bytes", defer_bytes, 1)
         for r in self.hooks.values():
             r.hook.deferred = self.defer and r.hook.deferrable
-            r.hook.deferred_after = self.defer and r.hook.fused and r.hook.defers_after_backward and not r.hook.per_sample
-        self._late = LateRows()  # the deferred fused hooks' steps (update_share), made into rows at flush
+            r.hook.deferred_after = self.defer and r.hook.fused and r.hook.defers_after_backward
+        self._late = LateRows()  # the deferred fused hooks' steps (update_share, param_split): rows at flush
         self.clean_labels = None if clean_labels is None else torch.as_tensor(clean_labels).long().reshape(-1)
         self._member_mask = MemberMasks(self.hooks)  # (name, device) -> bool mask over a fixed subset's ids
         self._deferred = DeferredRows(self.hooks, self.defer_bytes, self._member_mask,
@@ -299,7 +299,7 @@ class HookRunner(CapturePlanner):
             for name, hctx in self._pending:
                 r = self.hooks[name]
                 if r.hook.deferred_after:  # its rows at flush
-                    self._late.add(name, hctx, r.hook.keep_after_backward(hctx))
+                    self._late.add(name, hctx, r.hook.keep_after_backward(hctx), self._finish(r, hctx, {}))
                     continue
                 cols = r.hook.after_backward(hctx)
                 if cols is None:  # measures after the optimizer step too
