@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ban_analysis.instrument.contrib import captured_outputs, contribution_stats, linear_g_a, output_grads
+from ban_analysis.instrument.contrib import (DotAccumulator, captured_outputs, contribution_stats, linear_dots,
+                                             linear_g_a, output_grads)
 
-__all__ = ["FusedContribution"]
+__all__ = ["FusedContribution", "linear_columns"]
 
 
 class FusedContribution:
@@ -109,3 +110,23 @@ class FusedContribution:
             squares += [g.reshape(-1) for g in (w.grad, gb) if g is not None]
         gg = torch.stack([torch.dot(g, g) for g in squares]).double().sum()
         return {"layers": layers, "gg": gg, "n": rows.numel()}
+
+
+def linear_columns(kept: list[dict]) -> list[dict[str, Tensor]]:
+    """The five columns of each step of :meth:`FusedContribution.linear_rows`, in order: the steps whose
+    pieces have the same shapes (a short last batch has fewer rows) stacked and computed in one pass,
+    (5, S, n) float64 dots summed over the layers as ``contribution_stats`` sums them."""
+    groups: dict = {}
+    for pos, k in enumerate(kept):
+        groups.setdefault(tuple(t.shape for layer in k["layers"] for t in layer[:4]), []).append(pos)
+    out: list = [None] * len(kept)
+    for positions in groups.values():
+        steps = [kept[p] for p in positions]
+        layers = range(len(steps[0]["layers"]))
+        dots = torch.stack([linear_dots(*(torch.stack([k["layers"][i][j] for k in steps]) for j in range(4)),
+                                        steps[0]["layers"][i][4]) for i in layers]).double().sum(0)
+        gg = torch.stack([k["gg"] for k in steps]).unsqueeze(1)
+        cols = DotAccumulator.columns_of(dots, gg, steps[0]["layers"][0][1].dtype)
+        for s, p in enumerate(positions):
+            out[p] = {c: v[s] for c, v in cols.items()}
+    return out

@@ -31,7 +31,6 @@ import torch
 from torch import Tensor
 
 from ban_analysis.instrument import param_grads as pg
-from ban_analysis.instrument.contrib import DotAccumulator, linear_dots
 from ban_analysis.instrument.decompose import ANCHORS, per_sample_stats, split_at
 from ban_analysis.instrument.base import HOOKS, Hook, StepContext, register_hook
 from ban_analysis.instrument.step_terms import (  # the helpers the hooks share (and heldout.py)
@@ -381,19 +380,8 @@ class ParamSplit(Hook):
         return {**kept, **_anchor_cols(self, ctx)}
 
     def columns_of(self, kept):
-        same_shapes: dict = {}  # steps whose pieces stack (a short last batch has fewer rows)
-        for k in kept:
-            if "layers" in k:
-                same_shapes.setdefault(tuple(t.shape for layer in k["layers"] for t in layer[:4]), []).append(k)
-        for linear in same_shapes.values():  # (5, S, n) float64 dots over the S steps' layers, then (S, n) columns
-            dots = torch.stack([linear_dots(*(torch.stack([k["layers"][i][j] for k in linear]) for j in range(4)),
-                                            linear[0]["layers"][i][4])
-                                for i in range(len(linear[0]["layers"]))]).double().sum(0)
-            gg = torch.stack([k["gg"] for k in linear]).unsqueeze(1)
-            batched = DotAccumulator.columns_of(dots, gg, linear[0]["layers"][0][1].dtype)
-            for i, k in enumerate(linear):
-                k["cols"] = {c: v[i] for c, v in batched.items()}
-        cols = [k.pop("cols") if "layers" in k else k["cols"] for k in kept]
+        linear = iter(pg.linear_columns([k for k in kept if "layers" in k]))  # the Linear steps, in one pass
+        cols = [next(linear) if "layers" in k else k["cols"] for k in kept]
         for c, k in zip(cols, kept):
             if "anchor_teacher_argmax" in k:  # 0-d at its step: one a row here
                 c["anchor_teacher_argmax"] = k["anchor_teacher_argmax"].expand(next(iter(c.values())).shape[0])

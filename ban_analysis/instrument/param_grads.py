@@ -42,7 +42,7 @@ from ban_analysis.instrument.contrib import (
     covered_modules,
     output_grads,
 )
-from ban_analysis.instrument.fused import FusedContribution
+from ban_analysis.instrument.fused import FusedContribution, linear_columns
 from ban_analysis.instrument.shares import term_dots, update_share_columns, update_share_stats
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ __all__ = [
     "TERMS",
     "DotAccumulator",
     "FusedContribution",
+    "linear_columns",
     "captured_outputs",
     "term_batch_grads",
     "layer_groups",
