@@ -64,8 +64,8 @@ class HookRunner(CapturePlanner):
             ``logit_split`` and ``head_split`` then keep the step's tensors by reference (for
             ``head_split`` the norm of each row's head input, read from the logits' autograd graph
             where the logits are the head's own matmul) and compute their columns over many steps;
-            with ``fuse_backward`` too, ``update_share`` keeps its (P, 3) dots a step and makes its
-            columns at :meth:`flush`. Those hooks' rows come from :meth:`flush`, each with its own
+            with ``fuse_backward`` too, ``update_share`` (its dots) and ``param_split`` (a Linear model's
+            row pieces) make their columns at :meth:`flush`. Those rows come from :meth:`flush`, each with its own
             ``step`` column, not from :meth:`run` or :meth:`after_backward`; the values are the per-step
             ones up to float rounding (tested to 1e-6 relative). Kept labels or ids changed in place
             raise at compute time. How and why: ``deferred.py``.
