@@ -72,7 +72,7 @@ class Hook:
     options: ClassVar[dict] = {}
     choices: ClassVar[dict] = {}
     deferrable: ClassVar[bool] = False
-    # a fused per-step hook that implements keep_after_backward and columns_of (update_share)
+    # a fused hook that implements keep_after_backward and columns_of (update_share, param_split)
     defers_after_backward: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
@@ -127,8 +127,9 @@ class Hook:
         raise NotImplementedError
 
     def columns_of(self, kept: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """The columns of the steps whose :meth:`keep_after_backward` gave ``kept``, in step order:
-        (S,) for S steps, what :meth:`after_backward` returns at each, equal up to float rounding."""
+        """The columns of the steps whose :meth:`keep_after_backward` gave ``kept``, in step order: (S,)
+        for S steps of a per-step hook, the steps' rows concatenated for a per-sample one; what
+        :meth:`after_backward` returns at each, equal up to float rounding."""
         raise NotImplementedError
 
     def after_step(self, ctx: StepContext) -> dict[str, Tensor] | None:

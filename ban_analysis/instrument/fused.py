@@ -109,7 +109,7 @@ class FusedContribution:
             layers.append((a, dt, dd, linear_g_a(a, w.grad, gb), gb is not None))
             squares += [g.reshape(-1) for g in (w.grad, gb) if g is not None]
         gg = torch.stack([torch.dot(g, g) for g in squares]).double().sum()
-        return {"layers": layers, "gg": gg, "n": rows.numel()}
+        return {"layers": layers, "gg": gg}
 
 
 def linear_columns(kept: list[dict]) -> list[dict[str, Tensor]]:

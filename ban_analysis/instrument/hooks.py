@@ -376,7 +376,7 @@ class ParamSplit(Hook):
         fused = ctx.cache.pop("fused_param_split")
         kept = fused.linear_rows() if self._walk(ctx.model)[1] is not None else None
         if kept is None:
-            kept = {"cols": self._finish(ctx, fused), "n": None}
+            kept = {"cols": self._finish(ctx, fused)}
         return {**kept, **_anchor_cols(self, ctx)}
 
     def columns_of(self, kept):
