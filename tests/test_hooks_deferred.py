@@ -171,6 +171,14 @@ def test_deferred_fused_hooks_rows_equal_their_rows_per_step(anchor, net):
     assert runners[True].info()["param_split"]["covered_params"] == runners[False].info()["param_split"]["covered_params"]
 
 
+def test_deferred_update_share_refuses_steps_of_models_with_other_groups():
+    runner = HookRunner({"update_share": {}}, seed=0, train_size=60, fuse_backward=True, defer=True)
+    _fused_steps(runner, 1, net=Net)
+    _fused_steps(runner, 1, net=MLP)  # another model in the same epoch, not flushed between: other groups
+    with pytest.raises(ValueError, match="parameter groups differ"):
+        runner.flush()
+
+
 def test_deferred_update_share_drops_the_steps_of_an_unflushed_epoch(caplog):
     runner = HookRunner({"update_share": {}}, seed=0, train_size=60, fuse_backward=True, defer=True)
     _fused_steps(runner, 1)

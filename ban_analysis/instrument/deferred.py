@@ -94,10 +94,15 @@ class _Batch:
     noise: dict | None  # with label noise: target and student_logits for the noise columns
 
 
-# a deferred hook's step, kept until compute time: (the step's _Batch, gather()'s tensors by reference,
-# the rows drawn at the step (sample_from "batch") or None (selected at compute time)); a plain tuple:
-# it is made at every training step
-_Waiting = tuple
+# A deferred hook's step is kept as a plain tuple (made at every training step): (the step's _Batch,
+# gather()'s tensors by reference, the rows drawn at the step (sample_from "batch") or None (selected
+# at compute time)).
+_Waiting = tuple[_Batch, dict, "Tensor | None"]
+
+
+def _plain_cpu(columns: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Columns without autograd history, on the CPU: what flush hands the run writer."""
+    return {k: (v.detach() if v.requires_grad else v).cpu() for k, v in columns.items()}
 
 
 class DeferredRows:
@@ -210,7 +215,7 @@ class DeferredRows:
         if clean is not None:
             out.update(noise_columns(clean, out["sample_index"], pick(cat([b.noise["target"] for b in batches])),
                                      pick(cat([b.noise["student_logits"] for b in batches]))))
-        return {k: (v.detach() if v.requires_grad else v).cpu() for k, v in out.items()}
+        return _plain_cpu(out)
 
     def _selected(self, name: str, group: list[_Waiting], index: Tensor) -> Tensor | None:
         """Positions in the group's concatenated batches of the rows hook ``name`` reports (None = all)."""
@@ -263,7 +268,6 @@ class LateRows:
             step = torch.tensor([s for s, _, _ in steps], dtype=torch.int64).repeat_interleave(torch.tensor(counts))
             joined = {k: torch.cat([extra[k].reshape(-1) for extra in extras]) for k in extras[0]}
             index = {"sample_index": joined.pop("sample_index")} if "sample_index" in joined else {}
-            out[name] = {k: (v.detach() if v.requires_grad else v).cpu()
-                         for k, v in {"step": step, **index, **cols, **joined}.items()}
+            out[name] = _plain_cpu({"step": step, **index, **cols, **joined})
         self.drop()
         return out

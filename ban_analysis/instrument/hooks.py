@@ -257,11 +257,15 @@ class UpdateShare(Hook):
         g_target = ctx.cache.pop(("g_target", self.opts["anchor"]))["target"]
         # one multi-tensor call for all parameters (the same subtraction, elementwise)
         dark = torch._foreach_sub([_grad_of(p) for p in params], g_target)
-        self.state["_groups"] = pg.layer_groups(names, self.opts["group_depth"])  # the same at every step
-        return {"dots": pg.term_dots(g_target, dark), **_anchor_cols(self, ctx)}
+        groups = tuple(pg.layer_groups(names, self.opts["group_depth"]))  # the model's: kept with its step
+        return {"dots": pg.term_dots(g_target, dark), "groups": groups, **_anchor_cols(self, ctx)}
 
     def columns_of(self, kept):
-        cols = pg.update_share_columns(torch.stack([k["dots"] for k in kept]), self.state["_groups"])
+        groups = kept[0]["groups"]
+        if any(k["groups"] != groups for k in kept):  # steps of models with other parameter groups: other columns
+            raise ValueError("update_share (deferred): the kept steps' parameter groups differ; flush the runner "
+                             "before training another model")
+        cols = pg.update_share_columns(torch.stack([k["dots"] for k in kept]), groups)
         if "anchor_teacher_argmax" in kept[0]:
             cols["anchor_teacher_argmax"] = torch.stack([k["anchor_teacher_argmax"] for k in kept])
         return cols
