@@ -26,6 +26,11 @@ weights: what logit_split keeps), with a stand-in runner whose ``keep`` only doe
 ``copy`` (each tensor copied into a buffer made once per epoch), ``cat`` (one ``torch.cat(out=)``
 for the float tensors and one ``torch.stack(out=)`` for the ids and labels).
 
+Section ``settings`` (``--sections settings``): the study hook set against variants a study could
+choose instead, each a ``HookRunner`` arm of the same paired measurement (median block ratio over
+``plain`` and its 95% CI): ``defer_bytes`` of 1 MiB (the kept steps computed every ~60 steps instead of
+once an epoch), ``update_share`` every 50 steps instead of 25, and the set without ``param_split``.
+
     BAN_DATA=../shared/data python benchmarks/bench_hook_parts.py [--threads 1] [--rounds 4] [--sections parts]
 """
 
@@ -41,7 +46,7 @@ import time
 import torch
 
 from bench_train import cpu_name
-from paired import PAIRED_BLOCK, STUDY_HOOKS, paired_hooks
+from paired import PAIRED_BLOCK, STUDY_HOOKS, median_ci, paired_hooks
 from ban_analysis.data import load_dataset
 from ban_analysis.engine.runs import HookWriter
 from ban_analysis.instrument import deferred, hooks, param_grads, runner
@@ -260,24 +265,49 @@ def keep_forms(bundle, rounds: int) -> None:
         print(f"| {arm} | {100 * ratio:+.1f}% | {ratio * plain_us:+.0f} |")
 
 
+def settings(bundle, rounds: int) -> None:
+    """The study hook set and the variants of it in the module docstring, as arms of one paired run."""
+    variants = {"study set (as run_chain runs it)": (STUDY_HOOKS, {}),
+                "defer_bytes 1 MiB": (STUDY_HOOKS, {"defer_bytes": 2**20}),
+                "update_share every 50 steps": ({**STUDY_HOOKS, "update_share": {"every_n_steps": 50}}, {}),
+                "without param_split": ({k: v for k, v in STUDY_HOOKS.items() if k != "param_split"}, {})}
+    arms = {"plain": None, "plain (again)": None}
+    for label, (hook_cfgs, kwargs) in variants.items():
+        arms[label] = runner.HookRunner(hook_cfgs, seed=0, train_size=len(bundle.train.index),
+                                        train_index=bundle.train.index, fuse_backward=True, defer=True, **kwargs)
+    blocks = wall_blocks(paired_hooks(bundle, "mlp", {"widths": [256, 256]}, rounds, arms=arms))
+    plain_us = 1e6 * statistics.median(blocks["plain"]) / PAIRED_BLOCK
+    print(f"\nThe study hook set and variants of it (plain step {plain_us:.0f} us; median block ratio over "
+          f"{rounds} one-epoch blocks, distribution-free 95% CI of the median)\n")
+    print("| arm | over a plain step | 95% CI |")
+    print("|---|---|---|")
+    for arm in arms:
+        low, high = median_ci([a / b for a, b in zip(blocks[arm], blocks["plain"])])
+        print(f"| {arm} | {100 * overhead(blocks, arm):+.1f}% | {100 * (low - 1):+.1f} to {100 * (high - 1):+.1f}% |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (2: the default here; 1: a Ray worker)")
     parser.add_argument("--rounds", type=int, default=4, help="measured one-epoch blocks per arm (after one warm-up)")
-    parser.add_argument("--sections", default="parts,keep-forms", help="comma-separated: parts, keep-forms")
+    parser.add_argument("--sections", default="parts,keep-forms", help="comma-separated: parts, keep-forms, settings")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
-    unknown = sections - {"parts", "keep-forms"}
+    unknown = sections - {"parts", "keep-forms", "settings"}
     if unknown:
-        parser.error(f"unknown section(s) {sorted(unknown)}; choose from parts, keep-forms")
+        parser.error(f"unknown section(s) {sorted(unknown)}; choose from parts, keep-forms, settings")
     torch.set_num_threads(args.threads)
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
           f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.1f}")
+    bundle = load_dataset("fashion_mnist", val_size=5000)
+    if "settings" in sections:  # first: no timers installed yet
+        settings(bundle, args.rounds)
+    if sections <= {"settings"}:
+        return
     per_timer = timer_cost()
     PARTS[:] = parts_to_time()
     for label, owner, attr, depth in PARTS:
         wrap(label, owner, attr, in_step=depth == 0 and label not in (WRITER, FLUSH))
-    bundle = load_dataset("fashion_mnist", val_size=5000)
     if "parts" in sections:
         parts(bundle, args.rounds, per_timer)
     if "keep-forms" in sections:

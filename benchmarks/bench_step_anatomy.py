@@ -21,7 +21,14 @@ times the steps of that kind an epoch; then ``flush`` (once an epoch) and the su
 plain epoch. A timer costs 0.2-0.5 us a call (bench_hook_parts.py measures it: 0.23 us on the Xeon VM,
 2026-12-05); a keep step makes 8 timed calls, a plain step 5.
 
-    BAN_DATA=../shared/data python benchmarks/bench_step_anatomy.py [--rounds 8] [--threads 2]
+``--keep gather`` takes the keep steps apart (the other kinds of step are unchanged): the hooks'
+``gather`` calls run and what they return is dropped, so the difference to ``--keep full`` (as
+``run_chain`` runs it) is what keeping the step's tensors until the flush costs the steps around it.
+The flush then has no logit_split or head_split rows: only the ``full`` flush time is the real one.
+(Not gathering at all is no ablation: head_split's gather is where a model's first step finds the head
+input in the logits' graph; without it every step takes the capture path.)
+
+    BAN_DATA=../shared/data python benchmarks/bench_step_anatomy.py [--rounds 8] [--threads 2] [--keep full]
 """
 
 from __future__ import annotations
@@ -107,14 +114,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8, help="one-epoch rounds (430 steps) per arm")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--keep", choices=("full", "gather"), default="full",
+                        help="the keep steps: as run (full), or the hooks' gather calls without keeping")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.1f}\n")
+          f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.1f}, keep steps: {args.keep}\n")
     bundle = load_dataset("fashion_mnist", val_size=5000)
     timers = Timers()
     hook_runner = runner.HookRunner(STUDY_HOOKS, seed=0, train_size=len(bundle.train.index),
                                     train_index=bundle.train.index, fuse_backward=True, defer=True)
+    if args.keep != "full":
+        _ablate_keep(hook_runner, args.keep)
     flush = hook_runner.flush
     hook_runner.flush = lambda: _timed_flush(flush, timers)
     install(timers, hook_runner)
@@ -139,6 +150,19 @@ def main() -> None:
                  on_step=on_step, on_round=on_round, objective=objective,
                  prepare=lambda model, optimizer: _wrap_model(model, optimizer, timers))
     report(steps, timers.flush, args.rounds)
+
+
+def _ablate_keep(hook_runner, keep: str) -> None:
+    """The runner's deferred rows, on the instance: with ``keep == "gather"`` each due hook's ``gather``
+    is called and what it returns dropped (see the module docstring)."""
+    rows = hook_runner._deferred
+    assert keep == "gather", keep
+
+    def add_step(ctx, items) -> None:
+        for name, _ in items:
+            rows.hooks[name].hook.gather(ctx)
+
+    rows.add_step = add_step
 
 
 def _timed_flush(flush, timers: Timers):
