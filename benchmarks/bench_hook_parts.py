@@ -252,17 +252,23 @@ class KeepOnly:
         return {}
 
 
-def keep_forms(bundle, rounds: int) -> None:
-    arms = {"plain": None, "plain (again)": None, **{form: KeepOnly(form) for form in ("noop", "refs", "copy", "cat")}}
+def arms_table(bundle, rounds: int, arms: dict, title: str) -> None:
+    """One paired run of ``arms`` (``plain`` among them) and its table: each arm's median block ratio over
+    ``plain``, in percent and in microseconds a step, with the distribution-free 95% CI of the median."""
     blocks = wall_blocks(paired_hooks(bundle, "mlp", {"widths": [256, 256]}, rounds, arms=arms))
     plain_us = 1e6 * statistics.median(blocks["plain"]) / PAIRED_BLOCK
-    print(f"\nWays of keeping a step's small tensors (plain step {plain_us:.0f} us; median block ratio over "
-          f"{rounds} one-epoch blocks)\n")
-    print("| arm | over a plain step | us a step |")
-    print("|---|---|---|")
+    print(f"\n{title} (plain step {plain_us:.0f} us; median block ratio over {rounds} one-epoch blocks)\n")
+    print("| arm | over a plain step | us a step | 95% CI |")
+    print("|---|---|---|---|")
     for arm in arms:
         ratio = overhead(blocks, arm)
-        print(f"| {arm} | {100 * ratio:+.1f}% | {ratio * plain_us:+.0f} |")
+        low, high = median_ci([a / b for a, b in zip(blocks[arm], blocks["plain"])])
+        print(f"| {arm} | {100 * ratio:+.1f}% | {ratio * plain_us:+.0f} | {100 * (low - 1):+.1f} to {100 * (high - 1):+.1f}% |")
+
+
+def keep_forms(bundle, rounds: int) -> None:
+    arms = {"plain": None, "plain (again)": None, **{form: KeepOnly(form) for form in ("noop", "refs", "copy", "cat")}}
+    arms_table(bundle, rounds, arms, "Ways of keeping a step's small tensors")
 
 
 def settings(bundle, rounds: int) -> None:
@@ -275,15 +281,7 @@ def settings(bundle, rounds: int) -> None:
     for label, (hook_cfgs, kwargs) in variants.items():
         arms[label] = runner.HookRunner(hook_cfgs, seed=0, train_size=len(bundle.train.index),
                                         train_index=bundle.train.index, fuse_backward=True, defer=True, **kwargs)
-    blocks = wall_blocks(paired_hooks(bundle, "mlp", {"widths": [256, 256]}, rounds, arms=arms))
-    plain_us = 1e6 * statistics.median(blocks["plain"]) / PAIRED_BLOCK
-    print(f"\nThe study hook set and variants of it (plain step {plain_us:.0f} us; median block ratio over "
-          f"{rounds} one-epoch blocks, distribution-free 95% CI of the median)\n")
-    print("| arm | over a plain step | 95% CI |")
-    print("|---|---|---|")
-    for arm in arms:
-        low, high = median_ci([a / b for a, b in zip(blocks[arm], blocks["plain"])])
-        print(f"| {arm} | {100 * overhead(blocks, arm):+.1f}% | {100 * (low - 1):+.1f} to {100 * (high - 1):+.1f}% |")
+    arms_table(bundle, rounds, arms, "The study hook set and variants of it")
 
 
 def main() -> None:
